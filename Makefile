@@ -1,0 +1,38 @@
+# Two commands for a fresh machine that has python3, gcc and make:
+#   make demo   # trains the demo preset on the bundled data (CPU, a few minutes)
+#   make test   # runs the test suite
+# Both create .venv when it is missing. A torch that is already importable (for example a CUDA build on a
+# GPU machine) is reused; otherwise the CPU wheel torch==2.13.0 is installed, never a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test install venv clean bench-quick
+
+$(PY):
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo "reusing the torch of $(PYTHON) (torch $$($(PYTHON) -c 'import torch; print(torch.__version__)'))"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+
+venv: $(PY)
+	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PIP) install -q "torch==$(TORCH_VERSION)"
+	@$(PIP) install -q --upgrade "setuptools>=64" wheel ninja
+
+install: venv
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+
+demo: install
+	$(VENV)/bin/aimv2-train --preset aimv2-demo --out $(DEMO_OUT)
+
+test: install
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf build *.egg-info aimv2_kernels/_C*.so runs

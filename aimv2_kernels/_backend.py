@@ -1,0 +1,111 @@
+"""Backend names, availability, the lazy extension loader and the ``"auto"`` rule."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+
+# Which ops each compiled or kernel backend implements at this stage of the project. A backend that is
+# installed but lacks an op is "unavailable" for that op, with a message that says so.
+_IMPLEMENTED: dict[str, frozenset[str]] = {
+    "reference": frozenset({"patch_mse_loss", "prefix_attention", "linear_cross_entropy", "cross_entropy"}),
+    "cpu": frozenset({"patch_mse_loss"}),
+    "triton": frozenset(),
+    "cuda": frozenset(),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this op on these tensors."""
+
+
+@lru_cache(maxsize=None)
+def load_extension():
+    """Import ``aimv2_kernels._C`` (registers the ``torch.ops.aimv2`` ops); return None if it is not built."""
+    try:
+        return importlib.import_module("aimv2_kernels._C")
+    except ImportError:
+        return None
+
+
+def extension_available() -> bool:
+    return load_extension() is not None
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run ``op`` on ``device``, else a sentence saying why not."""
+    if backend == "reference":
+        return None
+    if op not in _IMPLEMENTED[backend]:
+        return f"backend={backend!r} has no {op} kernel in this version of aimv2-kernels"
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend='cpu' needs CPU tensors, got {device.type} tensors"
+        if not extension_available():
+            return ("the compiled extension aimv2_kernels._C is not built; "
+                    "reinstall with `pip install --no-build-isolation .` (needs a C++ compiler)")
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend='cuda' needs CUDA tensors, got {device.type} tensors"
+        ext = load_extension()
+        if ext is None or not getattr(ext, "WITH_CUDA", False):
+            return "aimv2_kernels._C was built without CUDA (needs a CUDA build of torch and nvcc)"
+        return None
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed (pip install triton)"
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
+            return (f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
+                    f"got {device.type} tensors")
+        return None
+    raise AssertionError(backend)
+
+
+def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
+    """The concrete backends that can run ``op`` on ``device`` in this installation."""
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if _unavailable_reason(op, b, device) is None]
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Turn ``backend`` into a concrete backend for ``op`` on ``device``.
+
+    Rule for ``"auto"`` (documented in the README): on CPU tensors, ``"cpu"`` when the compiled extension
+    implements the op, else ``"reference"``; on CUDA tensors, ``"triton"`` when Triton implements the op,
+    else ``"reference"``. ``"cuda"`` is never picked by ``"auto"`` until its kernels have passed on a GPU.
+    float64 inputs run on ``"reference"`` only (they exist for gradcheck and oracles).
+    An explicit backend that cannot run raises :class:`BackendUnavailableError`; it never falls back.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {BACKENDS}, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if dtype == torch.float64:
+        if backend not in ("auto", "reference"):
+            raise TypeError(f"{op}: float64 inputs are supported by backend='reference' only, "
+                            f"not backend={backend!r}; use float32, bfloat16 or float16")
+        return "reference"
+    if backend != "auto":
+        reason = _unavailable_reason(op, backend, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: {reason}")
+        return backend
+    preferred = "cpu" if device.type == "cpu" else "triton" if device.type == "cuda" else None
+    if preferred is not None and _unavailable_reason(op, preferred, device) is None:
+        return preferred
+    return "reference"

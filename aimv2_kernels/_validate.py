@@ -1,0 +1,75 @@
+"""Argument checks shared by the public ops. Every failure names the argument."""
+from __future__ import annotations
+
+import torch
+
+# float64 is accepted for the reference backend only (gradcheck and float64 oracles); kernels reject it.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _values_checkable() -> bool:
+    # Data-dependent checks would break a torch.compile graph; under compile they are skipped.
+    return not torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, x, *, ndim: int | None = None, min_ndim: int | None = None,
+                 dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, *, dtype: bool = True) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    if dtype and x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+
+
+def check_integer(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_prefix_lens(prefix_lens, batch: int, upper: int, device: torch.device) -> None:
+    """``prefix_lens`` is None or an integer tensor ``(batch,)`` with values in ``[0, upper]``."""
+    if prefix_lens is None:
+        return
+    check_integer("prefix_lens", prefix_lens)
+    if prefix_lens.shape != (batch,):
+        raise ValueError(f"prefix_lens must have shape ({batch},), got {tuple(prefix_lens.shape)}")
+    if prefix_lens.device != device:
+        raise ValueError(f"prefix_lens is on {prefix_lens.device} but the inputs are on {device}")
+    # NOTE: on CUDA tensors this check synchronises with the host; it is skipped under torch.compile.
+    if _values_checkable() and batch > 0:
+        lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
+        if lo < 0 or hi > upper:
+            raise ValueError(f"prefix_lens must lie in [0, {upper}], got values in [{lo}, {hi}]")
+
+
+def check_targets(targets, shape: torch.Size, num_classes: int, ignore_index: int, device) -> None:
+    check_integer("targets", targets)
+    if targets.shape != shape:
+        raise ValueError(f"targets must have shape {tuple(shape)}, got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"targets is on {targets.device} but the inputs are on {device}")
+    if _values_checkable() and targets.numel() > 0:
+        bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
+        if bool(bad.any()):
+            value = int(targets[bad][0])
+            raise ValueError(f"targets must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, "
+                             f"found {value}")

@@ -1,0 +1,93 @@
+"""Public ``cross_entropy`` and ``linear_cross_entropy``: argument checks and backend dispatch."""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as V
+from ._backend import resolve_backend
+from .reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
+
+
+def _check_options(ignore_index, label_smoothing, z_loss, reduction) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
+        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    V.check_reduction(reduction)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, reduction: str = "mean",
+                  backend: str = "auto") -> torch.Tensor:
+    """Softmax cross-entropy over given logits, computed in fp32.
+
+    Value: ``F.cross_entropy(logits.float(), targets, ignore_index, label_smoothing)`` plus
+    ``z_loss * logsumexp(logits)**2`` averaged (or summed) over the counted (non-ignored) tokens.
+
+    Args:
+        logits: ``(..., V)`` fp32/bf16/fp16.
+        targets: ``(...)`` integer class ids in ``[0, V)`` or ``ignore_index``.
+        reduction: ``"mean"`` over non-ignored tokens (0, with zero gradient, when all are ignored),
+            ``"sum"``, or ``"none"`` (per token, shape ``(...)``, 0 where ignored).
+
+    Returns:
+        fp32 loss. The gradient flows to ``logits``.
+    """
+    V.check_tensor("logits", logits, min_ndim=1)
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    V.check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
+    _check_options(ignore_index, label_smoothing, z_loss, reduction)
+    impl = resolve_backend("cross_entropy", backend, logits.device, logits.dtype)
+    if impl == "reference":
+        return cross_entropy_reference(logits, targets, ignore_index=ignore_index,
+                                       label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                                       reduction=reduction)
+    raise AssertionError(impl)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, reduction: str = "mean",
+                         backend: str = "auto") -> torch.Tensor:
+    """Cross-entropy of the logits ``hidden @ weight.T + bias``, which kernel backends never materialise.
+
+    Args:
+        hidden: ``(..., D)`` fp32/bf16/fp16.
+        weight: ``(V, D)``, hidden's dtype and device.
+        targets: ``(...)`` integers in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``(V,)``.
+        ignore_index, label_smoothing, z_loss, reduction: as in :func:`cross_entropy`.
+        backend: ``"auto"``, ``"reference"`` (builds the full logits: the oracle and eager baseline),
+            ``"triton"``, ``"cuda"`` or ``"cpu"``. Kernel backends hold O(chunk x V) extra memory at most.
+
+    Returns:
+        fp32 loss. Gradients flow to ``hidden``, ``weight`` and ``bias``.
+    """
+    V.check_tensor("hidden", hidden, min_ndim=1)
+    V.check_tensor("weight", weight, ndim=2)
+    V.check_same("weight", weight, "hidden", hidden)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden's last dimension, "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one row (class), got shape {tuple(weight.shape)}")
+    if bias is not None:
+        V.check_tensor("bias", bias, ndim=1)
+        V.check_same("bias", bias, "hidden", hidden)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    V.check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
+    _check_options(ignore_index, label_smoothing, z_loss, reduction)
+    impl = resolve_backend("linear_cross_entropy", backend, hidden.device, hidden.dtype)
+    if impl == "reference":
+        return linear_cross_entropy_reference(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                                              label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                                              reduction=reduction)
+    raise AssertionError(impl)
