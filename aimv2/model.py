@@ -1,0 +1,181 @@
+"""The AIMv2 encoder (with the released checkpoints' module names), the causal multimodal decoder and the loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from aimv2_kernels import linear_cross_entropy, patch_mse_loss
+
+from .config import AIMv2Config, DecoderConfig, EncoderConfig
+from .layers import Transformer, fan_in_trunc_normal_, sincos_pos_embed
+
+
+class PatchEmbed(nn.Module):
+    """Conv (kernel = stride = patch, with bias) -> raster-order tokens -> RMSNorm."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(images).flatten(2).transpose(1, 2))  # (B, N, D)
+
+
+class ViTPreprocessor(nn.Module):
+    """Patch embedding plus the position embedding (learned ``[1, N, D]`` or fixed 2-D sin-cos)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patchifier = PatchEmbed(cfg)
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_patches, cfg.dim))
+        else:
+            self.register_parameter("pos_embed", None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patchifier(images)
+        if self.pos_embed is not None:
+            return x + self.pos_embed
+        p = self.cfg.patch_size
+        pos = sincos_pos_embed(images.shape[-2] // p, images.shape[-1] // p, self.cfg.dim, device=x.device)
+        return x + pos.to(x.dtype)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        w = self.patchifier.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # on the [D, C*p*p] view; the conv bias keeps torch's init
+        nn.init.ones_(self.patchifier.norm.weight)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed, std=0.02)
+
+
+class AIMv2Encoder(nn.Module):
+    """The AIMv2 ViT. State-dict keys equal Apple's original layout (``preprocessor.*``, ``trunk.*``)."""
+
+    def __init__(self, cfg: EncoderConfig, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.preprocessor = ViTPreprocessor(cfg)
+        self.trunk = Transformer(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, backend)
+
+    def forward(self, images: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """``images (B, C, H, W)`` float -> features ``(B, N, D)`` after the final RMSNorm.
+
+        ``prefix_lens`` (int ``(B,)``) applies AIMv2's pre-training prefix attention (query i sees key j iff
+        ``j <= i`` or ``j < prefix_lens[b]``); None gives bidirectional attention, as at inference.
+        """
+        c = self.cfg
+        if images.dim() != 4 or images.shape[1] != c.in_chans:
+            raise ValueError(f"images must have shape (B, {c.in_chans}, H, W), got {tuple(images.shape)}")
+        if c.pos_embed == "learned" and tuple(images.shape[-2:]) != (c.image_size, c.image_size):
+            raise ValueError(f"images must be {c.image_size}x{c.image_size} for a learned position embedding, "
+                             f"got {images.shape[-2]}x{images.shape[-1]}")
+        if images.shape[-2] % c.patch_size or images.shape[-1] % c.patch_size:
+            raise ValueError(f"image sides must be multiples of {c.patch_size}, got {tuple(images.shape[-2:])}")
+        x = self.preprocessor(images)
+        return self.trunk(x, prefix_lens, causal=prefix_lens is not None)
+
+    def init_weights(self) -> None:
+        self.trunk.init_weights()
+        self.preprocessor.init_weights()
+
+
+class AIMv2Decoder(nn.Module):
+    """Causal decoder over ``[image_proj(features) (N) || start token (1) || caption embeddings (T)]``."""
+
+    def __init__(self, cfg: DecoderConfig, enc_dim: int, patch_dim: int, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.image_proj = nn.Linear(enc_dim, cfg.dim, bias=True)
+        self.text_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.start_token = nn.Parameter(torch.empty(1, 1, cfg.dim))
+        self.text_pos_embed = nn.Parameter(torch.empty(1, cfg.context_length + 1, cfg.dim))
+        self.trunk = Transformer(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, backend)
+        self.pixel_head = nn.Linear(cfg.dim, patch_dim, bias=False)
+        self.text_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``features (B, N, D_enc)``, ``tokens (B, T)`` int -> hidden ``(B, N + 1 + T, dim)`` (final-normed)."""
+        b = features.shape[0]
+        text = torch.cat([self.start_token.expand(b, -1, -1), self.text_embedding(tokens)], dim=1)
+        text = text + self.text_pos_embed
+        x = torch.cat([self.image_proj(features), text.to(features.dtype)], dim=1)
+        return self.trunk(x, causal=True)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.trunk.init_weights()  # the image projection keeps torch's default Linear init, as in training
+        nn.init.normal_(self.text_embedding.weight, std=0.02)
+        nn.init.normal_(self.start_token, std=0.02)
+        nn.init.normal_(self.text_pos_embed, std=0.01)
+        for head in (self.pixel_head, self.text_head):
+            fan_in_trunc_normal_(head.weight, scale=1.0 / (1 + self.cfg.depth))
+
+
+@dataclass
+class AIMv2Output:
+    loss: torch.Tensor  # L_text + img_loss_weight * L_img, fp32 scalar
+    loss_img: torch.Tensor
+    loss_txt: torch.Tensor
+    prefix_lens: torch.Tensor | None
+
+
+class AIMv2(nn.Module):
+    """Encoder + decoder + the AIMv2 objective. The model calls only the public ``aimv2_kernels`` ops."""
+
+    def __init__(self, cfg: AIMv2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = AIMv2Encoder(cfg.encoder, cfg.backend)
+        self.decoder = AIMv2Decoder(cfg.decoder, cfg.encoder.dim, cfg.encoder.patch_dim, cfg.backend)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        self.encoder.init_weights()
+        self.decoder.init_weights()
+
+    def sample_prefix_lens(self, batch: int, device: torch.device,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample prefix lengths, uniform in ``{1, ..., N-1}`` (int64 ``(B,)``)."""
+        n = self.cfg.encoder.num_patches
+        return torch.randint(1, n, (batch,), device=device, generator=generator)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor,
+                prefix_lens: torch.Tensor | None = None) -> AIMv2Output:
+        """Loss of a batch.
+
+        Args:
+            images: ``(B, C, H, W)`` float, normalized: the encoder input and the pixel targets.
+            tokens: ``(B, T)`` int64 caption ids, right-padded with ``pad_id`` (ignored by the loss).
+            prefix_lens: int ``(B,)`` in ``[0, N]``. None in training mode draws them per sample,
+                uniform in ``{1, ..., N-1}``; None in eval mode uses a bidirectional encoder and counts
+                every target patch.
+        """
+        enc, dec = self.cfg.encoder, self.cfg.decoder
+        if tokens.dim() != 2 or tokens.shape[1] != dec.context_length:
+            raise ValueError(f"tokens must have shape (B, {dec.context_length}), got {tuple(tokens.shape)}")
+        if tokens.shape[0] != images.shape[0]:
+            raise ValueError(f"tokens has batch {tokens.shape[0]} but images has batch {images.shape[0]}")
+        if prefix_lens is None and self.training:
+            prefix_lens = self.sample_prefix_lens(images.shape[0], images.device)
+        n, t = enc.num_patches, dec.context_length
+        hidden = self.decoder(self.encoder(images, prefix_lens), tokens)  # (B, N + 1 + T, dim)
+        # Image position i predicts patch i + 1; the last image position has no target.
+        pred = self.decoder.pixel_head(hidden[:, : n - 1])
+        loss_img = patch_mse_loss(pred.to(images.dtype), images, enc.patch_size, prefix_lens, target_offset=1,
+                                  backend=self.cfg.backend)
+        # The start token's output predicts caption token 0; caption token t predicts t + 1.
+        text_hidden = hidden[:, n: n + t]
+        loss_txt = linear_cross_entropy(text_hidden, self.decoder.text_head.weight.to(text_hidden.dtype), tokens,
+                                        ignore_index=dec.pad_id, backend=self.cfg.backend)
+        loss = loss_txt + self.cfg.img_loss_weight * loss_img
+        return AIMv2Output(loss=loss, loss_img=loss_img, loss_txt=loss_txt, prefix_lens=prefix_lens)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
