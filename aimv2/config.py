@@ -133,5 +133,5 @@ PRESETS["aimv2-large-patch14-native"] = lambda: dataclasses.replace(
     _released("large", 224)(), name="aimv2-large-patch14-native",
     encoder=EncoderConfig(image_size=224, dim=1024, depth=24, num_heads=8, pos_embed="sincos"))
 # Small presets: "demo" trains on 2 CPU cores in a few minutes; "tiny" is for tests.
-PRESETS["aimv2-demo"] = _small("aimv2-demo", image_size=112, dim=128, depth=4, heads=2, dec_depth=2, context=64)
+PRESETS["aimv2-demo"] = _small("aimv2-demo", image_size=112, dim=128, depth=4, heads=2, dec_depth=2, context=112)
 PRESETS["aimv2-tiny"] = _small("aimv2-tiny", image_size=56, dim=64, depth=2, heads=2, dec_depth=1, context=24)
