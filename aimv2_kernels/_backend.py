@@ -1,45 +1,63 @@
 """Backend names, availability, the lazy extension loader and the ``"auto"`` rule."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-from functools import lru_cache
+from typing import Callable
 
 import torch
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
-# Which ops each compiled or kernel backend implements at this stage of the project. A backend that is
-# installed but lacks an op is "unavailable" for that op, with a message that says so.
-_IMPLEMENTED: dict[str, frozenset[str]] = {
-    "reference": frozenset({"patch_mse_loss", "prefix_attention", "linear_cross_entropy", "cross_entropy"}),
-    "cpu": frozenset({"patch_mse_loss"}),
-    "triton": frozenset(),
-    "cuda": frozenset(),
+# The kernel entry point of each (op, backend) pair. Each loader holds a plain import statement: backends
+# load on first use, and torch.compile (Dynamo) traces import statements but not importlib. A backend that
+# is installed but has no entry for an op is "unavailable" for that op, with a message that says so.
+# Signatures: patch_mse_loss kernels return the per-row loss (see aimv2_kernels.patch_mse); the others take
+# the public op's arguments (without ``backend``).
+def _cpu_patch_mse():
+    from .cpu.patch_mse import patch_mse_rows
+    return patch_mse_rows
+
+
+KERNELS: dict[tuple[str, str], Callable[[], Callable]] = {
+    ("patch_mse_loss", "cpu"): _cpu_patch_mse,
 }
+
+
+def kernel(op: str, backend: str) -> Callable:
+    """The entry point registered in :data:`KERNELS` for ``op`` on ``backend`` (imported on first use)."""
+    return KERNELS[(op, backend)]()
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this op on these tensors."""
 
 
-@lru_cache(maxsize=None)
+_extension_missing = False  # remembered, so a missing extension costs one failed import, not one per call
+
+
 def load_extension():
     """Import ``aimv2_kernels._C`` (registers the ``torch.ops.aimv2`` ops); return None if it is not built."""
-    try:
-        return importlib.import_module("aimv2_kernels._C")
-    except ImportError:
+    global _extension_missing
+    if _extension_missing:
         return None
+    try:
+        from . import _C
+    except ImportError:
+        _extension_missing = True
+        return None
+    return _C
 
 
 def extension_available() -> bool:
     return load_extension() is not None
 
 
-@lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def triton_interpret() -> bool:
@@ -50,7 +68,7 @@ def _unavailable_reason(op: str, backend: str, device: torch.device) -> str | No
     """None if ``backend`` can run ``op`` on ``device``, else a sentence saying why not."""
     if backend == "reference":
         return None
-    if op not in _IMPLEMENTED[backend]:
+    if (op, backend) not in KERNELS:
         return f"backend={backend!r} has no {op} kernel in this version of aimv2-kernels"
     if backend == "cpu":
         if device.type != "cpu":

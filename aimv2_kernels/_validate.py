@@ -1,6 +1,8 @@
 """Argument checks shared by the public ops. Every failure names the argument."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 # float64 is accepted for the reference backend only (gradcheck and float64 oracles); kernels reject it.
@@ -9,8 +11,12 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _values_checkable() -> bool:
-    # Data-dependent checks would break a torch.compile graph; under compile they are skipped.
-    return not torch.compiler.is_compiling()
+    """Whether to run the data-dependent checks (prefix_lens and targets ranges).
+
+    They are skipped under torch.compile (they would break the graph) and when ``AIMV2_CHECK_VALUES=0``: on
+    CUDA tensors each check is a host synchronisation, which benchmarks and long runs may turn off.
+    """
+    return not torch.compiler.is_compiling() and os.environ.get("AIMV2_CHECK_VALUES", "1") != "0"
 
 
 def check_tensor(name: str, x, *, ndim: int | None = None, min_ndim: int | None = None,
@@ -54,7 +60,6 @@ def check_prefix_lens(prefix_lens, batch: int, upper: int, device: torch.device)
         raise ValueError(f"prefix_lens must have shape ({batch},), got {tuple(prefix_lens.shape)}")
     if prefix_lens.device != device:
         raise ValueError(f"prefix_lens is on {prefix_lens.device} but the inputs are on {device}")
-    # NOTE: on CUDA tensors this check synchronises with the host; it is skipped under torch.compile.
     if _values_checkable() and batch > 0:
         lo, hi = int(prefix_lens.min()), int(prefix_lens.max())
         if lo < 0 or hi > upper:

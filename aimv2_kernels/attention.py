@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
-from ._backend import resolve_backend
+from ._backend import kernel, resolve_backend
 from .reference.attention import prefix_attention_reference
 
 
@@ -57,4 +57,4 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_l
     impl = resolve_backend("prefix_attention", backend, q.device, q.dtype)
     if impl == "reference":
         return prefix_attention_reference(q, k, v, prefix_lens, causal=causal, scale=scale)
-    raise AssertionError(impl)  # resolve_backend only returns implemented backends
+    return kernel("prefix_attention", impl)(q, k, v, prefix_lens, causal=causal, scale=scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
-from ._backend import resolve_backend
+from ._backend import kernel, resolve_backend
 from .reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
 
 
@@ -49,7 +49,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
         return cross_entropy_reference(logits, targets, ignore_index=ignore_index,
                                        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                                        reduction=reduction)
-    raise AssertionError(impl)
+    return kernel("cross_entropy", impl)(logits, targets, ignore_index=ignore_index,
+                                         label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                                         reduction=reduction)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -90,4 +92,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return linear_cross_entropy_reference(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                               label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                                               reduction=reduction)
-    raise AssertionError(impl)
+    return kernel("cross_entropy", impl)(logits, targets, ignore_index=ignore_index,
+                                         label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                                         reduction=reduction)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
-from ._backend import resolve_backend
+from ._backend import kernel, resolve_backend
 from .reference.patch_mse import count_patches, patch_mse_loss_reference
 
 
@@ -62,7 +62,8 @@ def patch_mse_loss(pred: torch.Tensor, images: torch.Tensor, patch_size: int,
     if impl == "reference":
         return patch_mse_loss_reference(pred, images, patch_size, prefix_lens, target_offset=target_offset,
                                         eps=float(eps), reduction=reduction)
-    rows = _rows(impl)(pred, images, patch_size, prefix_lens, target_offset, float(eps))  # (B, L) fp32
+    rows_fn = kernel("patch_mse_loss", impl)
+    rows = rows_fn(pred, images, patch_size, prefix_lens, target_offset, float(eps))  # (B, L) fp32
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -71,10 +72,3 @@ def patch_mse_loss(pred: torch.Tensor, images: torch.Tensor, patch_size: int,
     count = count_patches(prefix_lens, b, n - target_offset, target_offset, pred.device)
     return total / count.clamp_min(1).to(total.dtype)
 
-
-def _rows(impl: str):
-    """The backend's differentiable per-row loss: ``(pred, images, p, prefix_lens, offset, eps) -> (B, L)``."""
-    if impl == "cpu":
-        from .cpu.patch_mse import patch_mse_rows
-        return patch_mse_rows
-    raise AssertionError(impl)  # resolve_backend only returns implemented backends
