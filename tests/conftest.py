@@ -7,6 +7,16 @@ import torch
 # Launchers allocate their outputs through aimv2_kernels._alloc.new_output, which fills them with NaN when
 # this is set, so an element a kernel forgets to write fails the test instead of passing by luck.
 os.environ["AIMV2_POISON_OUTPUTS"] = "1"
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. It must be set before triton
+# is imported. Tests pick their device with the `device` fixture.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests run: the GPU when there is one, else the CPU (Triton through its interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(autouse=True)
