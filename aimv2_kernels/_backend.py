@@ -18,8 +18,14 @@ def _cpu_patch_mse():
     return patch_mse_rows
 
 
+def _triton_patch_mse():
+    from .triton.patch_mse import patch_mse_rows
+    return patch_mse_rows
+
+
 KERNELS: dict[tuple[str, str], Callable[[], Callable]] = {
     ("patch_mse_loss", "cpu"): _cpu_patch_mse,
+    ("patch_mse_loss", "triton"): _triton_patch_mse,
 }
 
 

@@ -1,0 +1,1 @@
+"""Triton kernels (GPU, or CPU tensors under TRITON_INTERPRET=1); imported lazily by the backend registry."""
