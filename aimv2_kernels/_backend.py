@@ -23,9 +23,15 @@ def _triton_patch_mse():
     return patch_mse_rows
 
 
+def _triton_prefix_attention():
+    from .triton.attention import prefix_attention_triton
+    return prefix_attention_triton
+
+
 KERNELS: dict[tuple[str, str], Callable[[], Callable]] = {
     ("patch_mse_loss", "cpu"): _cpu_patch_mse,
     ("patch_mse_loss", "triton"): _triton_patch_mse,
+    ("prefix_attention", "triton"): _triton_prefix_attention,
 }
 
 

@@ -1,0 +1,266 @@
+"""Prefix-causal attention backward in Triton (FlashAttention-2 style, no atomics).
+
+Three launches: ``delta = rowsum(dO * O)``; one kernel over key tiles that accumulates dK and dV over the
+query tiles that can see them; one kernel over query tiles that accumulates dQ (the forward's loop bounds).
+
+For a key tile ``[n0, n0 + BLOCK_N)`` with prefix M, the query tiles are split as::
+
+    queries:  [0, lo)               never see the tile (n0 >= M and i < n0): never loaded
+              [lo, mid)             boundary: mask (partly prefix, or straddling the diagonal)
+              [mid, S_full)         every query sees every key of the tile: no mask arithmetic
+              [S_full, S)           the sequence tail, masked
+
+with ``lo = 0`` if ``n0 < M`` else ``floor(n0 / BLOCK_M) * BLOCK_M``, ``mid = 0`` when the tile lies inside the
+prefix, else the first query tile starting at or after the tile's last key, and ``S_full = floor(S / BLOCK_M)
+* BLOCK_M``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import new_output
+from .attention_forward import (LOG2E, _round, _visible, device_guard, dot_args, make_configs, prefix_arg,
+                                prepare_inputs, shared_memory_pruner)
+
+_DELTA_BLOCK = 64
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds, H, S,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``DELTA[b, h, i] = sum_d dO * O`` in fp32, grid ``(cdiv(S, BLOCK_M), B * H)``."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < S
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=rows,
+                other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :], mask=rows,
+                 other=0.0)
+    tl.store(DELTA + pid_bh * S + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < S)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, start, end, offs_m, offs_n, prefix, seq_len,
+                stride_qs, stride_dos, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK (unscaled) and dV of one key tile over query tiles ``[start, end)``; transposed scores.
+
+    ``k`` and ``v`` are already in ``DOT_DTYPE``.
+    """
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        if MASKED:
+            qT = tl.load(qT_ptrs + start_m * stride_qs, mask=rows[None, :] < seq_len, other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_dos, mask=rows[:, None] < seq_len, other=0.0)
+            lse2 = tl.load(lse_ptr + rows, mask=rows < seq_len, other=0.0)
+            delta = tl.load(delta_ptr + rows, mask=rows < seq_len, other=0.0)
+        else:
+            qT = tl.load(qT_ptrs + start_m * stride_qs)
+            do = tl.load(do_ptrs + start_m * stride_dos)
+            lse2 = tl.load(lse_ptr + rows)
+            delta = tl.load(delta_ptr + rows)
+        qT_dot = qT.to(DOT_DTYPE)
+        qkT = tl.dot(k, qT_dot, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            vis = _visible(rows[None, :], offs_n[:, None], prefix, seq_len, CAUSAL) & (rows[None, :] < seq_len)
+            qkT = tl.where(vis, qkT, float("-inf"))
+        pT = tl.math.exp2(qkT - lse2[None, :])
+        do_dot = do.to(DOT_DTYPE)
+        dv = tl.dot(_round(pT, do.dtype, DOT_DTYPE), do_dot, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do_dot), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(_round(dsT, qT.dtype, DOT_DTYPE), tl.trans(qT_dot), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+def _dkdv_smem(config, elt, head_dim):
+    bm, bn, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    return elt * (2 * bn * head_dim + stages * 2 * bm * head_dim + bm * bn)
+
+
+@triton.autotune(
+    configs=make_configs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
+                         (16, 16, 4, 1)),
+    key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"],
+    prune_configs_by={"early_config_prune": shared_memory_pruner(_dkdv_smem)},
+)
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
+                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                          stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
+                          H, S, qk_scale, scale,
+                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                          ALL_MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key tile: grid ``(cdiv(S, BLOCK_N), B * H)``; DK/DV contiguous ``(B, H, S, D)``."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    n0 = tl.program_id(0) * BLOCK_N
+    s_full = (S // BLOCK_M) * BLOCK_M
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b).to(tl.int32)
+    if CAUSAL:
+        lo = tl.where(n0 < prefix, 0, (n0 // BLOCK_M) * BLOCK_M)
+        first_full = tl.where(n0 + BLOCK_N <= prefix, 0, tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M)
+        mid = tl.minimum(tl.maximum(lo, first_full), s_full)
+    else:
+        lo = 0
+        mid = 0
+    if ALL_MASKED:  # testing aid: send every tile through the masked path
+        mid = s_full
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    keys = offs_n[:, None] < S
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :], mask=keys,
+                other=0.0).to(DOT_DTYPE)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=keys,
+                other=0.0).to(DOT_DTYPE)
+    qT_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_qs + offs_d[:, None]
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :]
+    lse_ptr = LSE + pid_bh * S
+    delta_ptr = DELTA + pid_bh * S
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, lo, mid, offs_m, offs_n, prefix, S,
+                         stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, mid, s_full, offs_m, offs_n, prefix,
+                         S, stride_qs, stride_dos, qk_scale, CAUSAL, False, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, s_full, S, offs_m, offs_n, prefix,
+                         S, stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+
+    out_offs = pid_bh * S * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_offs, _round(dk * scale, DK.dtype.element_ty, DOT_DTYPE), mask=keys)
+    tl.store(DV + out_offs, _round(dv, DV.dtype.element_ty, DOT_DTYPE), mask=keys)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start, end, offs_m, offs_n, prefix, seq_len,
+              stride_ks, stride_vs, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ (unscaled) of one query tile over key tiles ``[start, end)``; q, do in ``DOT_DTYPE``."""
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kT = tl.load(kT_ptrs + start_n * stride_ks, mask=cols[None, :] < seq_len, other=0.0)
+            vT = tl.load(vT_ptrs + start_n * stride_vs, mask=cols[None, :] < seq_len, other=0.0)
+        else:
+            kT = tl.load(kT_ptrs + start_n * stride_ks)
+            vT = tl.load(vT_ptrs + start_n * stride_vs)
+        kT_dot = kT.to(DOT_DTYPE)
+        qk = tl.dot(q, kT_dot, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            qk = tl.where(_visible(offs_m[:, None], cols[None, :], prefix, seq_len, CAUSAL), qk, float("-inf"))
+        p = tl.math.exp2(qk - lse2[:, None])
+        dp = tl.dot(do, vT.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(_round(ds, kT.dtype, DOT_DTYPE), tl.trans(kT_dot), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+def _dq_smem(config, elt, head_dim):
+    bm, bn, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    return elt * (2 * bm * head_dim + stages * 2 * bn * head_dim + bm * bn)
+
+
+@triton.autotune(
+    configs=make_configs([(128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+                         (16, 16, 4, 1)),
+    key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"],
+    prune_configs_by={"early_config_prune": shared_memory_pruner(_dq_smem)},
+)
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
+                        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                        stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
+                        H, S, qk_scale, scale,
+                        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                        ALL_MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query tile: grid ``(cdiv(S, BLOCK_M), B * H)``, the key range of the forward kernel."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    m0 = tl.program_id(0) * BLOCK_M
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b).to(tl.int32)
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M, prefix), S)
+        full_end = (tl.maximum(m0 + 1, prefix) // BLOCK_N) * BLOCK_N
+    else:
+        hi = S
+        full_end = (S // BLOCK_N) * BLOCK_N
+    if ALL_MASKED:
+        full_end = 0
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < S
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows,
+                other=0.0).to(DOT_DTYPE)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=rows,
+                 other=0.0).to(DOT_DTYPE)
+    lse2 = tl.load(LSE + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
+    delta = tl.load(DELTA + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
+    kT_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None]
+    vT_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vs + offs_d[:, None]
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, 0, full_end, offs_m, offs_n, prefix, S,
+                   stride_ks, stride_vs, qk_scale, CAUSAL, False, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, full_end, hi, offs_m, offs_n, prefix, S,
+                   stride_ks, stride_vs, qk_scale, CAUSAL, True, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    tl.store(DQ + pid_bh * S * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             _round(dq * scale, DQ.dtype.element_ty, DOT_DTYPE), mask=rows)
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, prefix_lens: torch.Tensor | None, *, causal: bool, scale: float,
+                       mask_every_tile: bool = False):
+    """Launch the backward kernels (no autograd).
+
+    Args:
+        do: gradient of the output, ``(B, H, S, D)`` in q's dtype, any strides.
+        q, k, v: the forward inputs; out, lse: the forward's outputs (:func:`attention_forward`).
+        prefix_lens, causal, scale, mask_every_tile: as in :func:`attention_forward`.
+
+    Returns:
+        ``(dq, dk, dv)``, contiguous ``(B, H, S, D)`` in q's dtype.
+    """
+    q, k, v, out, do = prepare_inputs(q, k, v, out, do)
+    batch, heads, seq, head_dim = q.shape
+    dq, dk, dv = (new_output((batch, heads, seq, head_dim), dtype=q.dtype, device=q.device) for _ in range(3))
+    if dq.numel() == 0:
+        return dq, dk, dv
+    delta = new_output((batch, heads, seq), dtype=torch.float32, device=q.device)
+    prefix, has_prefix = prefix_arg(prefix_lens, causal, q)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    flags = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_PREFIX=has_prefix, ALL_MASKED=mask_every_tile,
+                 **dot_args(q.dtype))
+
+    def grid_n(meta):
+        return (triton.cdiv(seq, meta["BLOCK_N"]), batch * heads)
+
+    def grid_m(meta):
+        return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
+
+    with device_guard(q):
+        _bwd_delta_kernel[(triton.cdiv(seq, _DELTA_BLOCK), batch * heads)](
+            out, do, delta, *out.stride()[:3], *do.stride()[:3], heads, seq, HEAD_DIM=head_dim,
+            BLOCK_M=_DELTA_BLOCK)
+        _attn_bwd_dkdv_kernel[grid_n](q, k, v, do, lse, delta, dk, dv, prefix, *strides, heads, seq,
+                                      scale * LOG2E, scale, **flags)
+        _attn_bwd_dq_kernel[grid_m](q, k, v, do, lse, delta, dq, prefix, *strides, heads, seq,
+                                    scale * LOG2E, scale, **flags)
+    return dq, dk, dv
