@@ -10,6 +10,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= runs/demo
+DEMO_STEPS ?= 160
 
 .PHONY: demo test install venv clean bench-quick
 
@@ -29,7 +30,7 @@ install: venv
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 
 demo: install
-	$(VENV)/bin/aimv2-train --preset aimv2-demo --out $(DEMO_OUT)
+	$(VENV)/bin/aimv2-train --preset aimv2-demo --out $(DEMO_OUT) --steps $(DEMO_STEPS) --batch-size 32
 
 test: install
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -28,10 +28,22 @@ def _triton_prefix_attention():
     return prefix_attention_triton
 
 
+def _triton_cross_entropy():
+    from .triton.cross_entropy import cross_entropy_triton
+    return cross_entropy_triton
+
+
+def _triton_linear_cross_entropy():
+    from .triton.linear_cross_entropy import linear_cross_entropy_triton
+    return linear_cross_entropy_triton
+
+
 KERNELS: dict[tuple[str, str], Callable[[], Callable]] = {
     ("patch_mse_loss", "cpu"): _cpu_patch_mse,
     ("patch_mse_loss", "triton"): _triton_patch_mse,
     ("prefix_attention", "triton"): _triton_prefix_attention,
+    ("cross_entropy", "triton"): _triton_cross_entropy,
+    ("linear_cross_entropy", "triton"): _triton_linear_cross_entropy,
 }
 
 

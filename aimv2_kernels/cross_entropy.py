@@ -49,9 +49,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
         return cross_entropy_reference(logits, targets, ignore_index=ignore_index,
                                        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                                        reduction=reduction)
-    return kernel("cross_entropy", impl)(logits, targets, ignore_index=ignore_index,
-                                         label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-                                         reduction=reduction)
+    ce = kernel("cross_entropy", impl)
+    return ce(logits, targets, ignore_index=ignore_index, label_smoothing=float(label_smoothing),
+              z_loss=float(z_loss), reduction=reduction)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -92,6 +92,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return linear_cross_entropy_reference(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                               label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                                               reduction=reduction)
-    return kernel("cross_entropy", impl)(logits, targets, ignore_index=ignore_index,
-                                         label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-                                         reduction=reduction)
+    linear_ce = kernel("linear_cross_entropy", impl)
+    return linear_ce(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                     label_smoothing=float(label_smoothing), z_loss=float(z_loss), reduction=reduction)

@@ -6,24 +6,15 @@ config, so the shapes are small but span several tiles, a sequence tail and ever
 import pytest
 import torch
 
-pytest.importorskip("triton")
+import triton  # noqa: E402,F401  (a test dependency: a missing triton must fail, not skip)
 
 from aimv2_kernels import prefix_attention  # noqa: E402
-from aimv2_kernels._backend import KERNELS  # noqa: E402
 from aimv2_kernels.reference.attention import prefix_attention_reference  # noqa: E402
 from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens  # noqa: E402
 from aimv2_kernels.triton import attention_backward as bwd_module  # noqa: E402
 from aimv2_kernels.triton import attention_forward as fwd_module  # noqa: E402
 from aimv2_kernels.triton.attention import prefix_attention_triton  # noqa: E402
 
-
-def _load_triton_attention():
-    from aimv2_kernels.triton.attention import prefix_attention_triton as entry
-    return entry
-
-
-# Registers the entry point for this test session if _backend.KERNELS does not have it yet.
-KERNELS.setdefault(("prefix_attention", "triton"), _load_triton_attention)
 
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KERNELS_TUNED = [fwd_module._attn_fwd_kernel, bwd_module._attn_bwd_dkdv_kernel, bwd_module._attn_bwd_dq_kernel]

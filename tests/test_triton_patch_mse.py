@@ -3,25 +3,16 @@ import pytest
 import torch
 
 from aimv2_kernels import patch_mse_loss
-from aimv2_kernels._backend import KERNELS
 from aimv2_kernels.reference.patch_mse import counted_mask, patch_mse_loss_reference
 from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens
 
-triton = pytest.importorskip("triton")
+import triton  # noqa: E402  (a test dependency: a missing triton must fail, not skip)
 import triton.language as tl  # noqa: E402
 
 from aimv2_kernels.triton.patch_mse import (  # noqa: E402
     _configs, _prune, _round_to_bf16, patch_mse_rows_backward_op, patch_mse_rows_op,
 )
 
-
-def _triton_patch_mse():
-    from aimv2_kernels.triton.patch_mse import patch_mse_rows
-    return patch_mse_rows
-
-
-# Until the registry lists it, register the Triton entry for this test session.
-KERNELS.setdefault(("patch_mse_loss", "triton"), _triton_patch_mse)
 
 
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
