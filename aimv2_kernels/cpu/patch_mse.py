@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .._alloc import new_output
+from .._patch_rows_op import define_patch_rows_ops
 from .._backend import load_extension
 
 
@@ -31,49 +32,8 @@ def _launch(pred: torch.Tensor, images: torch.Tensor, patch_size: int, prefix_le
     return out
 
 
-@torch.library.custom_op("aimv2::patch_mse_rows", mutates_args=(), device_types="cpu")
-def patch_mse_rows_op(pred: torch.Tensor, images: torch.Tensor, patch_size: int,
-                      prefix_lens: Optional[torch.Tensor], target_offset: int, eps: float) -> torch.Tensor:
-    """Per-row loss, fp32 ``(B, L)``; differentiable w.r.t. ``pred`` (see :func:`patch_mse_rows`)."""
-    return _launch(pred, images, patch_size, prefix_lens, target_offset, eps)
-
-
-@torch.library.custom_op("aimv2::patch_mse_rows_backward", mutates_args=(), device_types="cpu")
-def patch_mse_rows_backward_op(grad_rows: torch.Tensor, pred: torch.Tensor, images: torch.Tensor,
-                               patch_size: int, prefix_lens: Optional[torch.Tensor], target_offset: int,
-                               eps: float) -> torch.Tensor:
-    """``grad_rows[b, l] * 2 (pred[b, l] - target) / P``: pred's shape and dtype, 0 on rows not counted."""
-    return _launch(pred, images, patch_size, prefix_lens, target_offset, eps, grad_rows)
-
-
-@patch_mse_rows_op.register_fake
-def _(pred, images, patch_size, prefix_lens, target_offset, eps):
-    return pred.new_empty(pred.shape[:2], dtype=torch.float32)
-
-
-@patch_mse_rows_backward_op.register_fake
-def _(grad_rows, pred, images, patch_size, prefix_lens, target_offset, eps):
-    return pred.new_empty(pred.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    pred, images, patch_size, prefix_lens, target_offset, eps = inputs
-    ctx.save_for_backward(pred, images, prefix_lens)
-    ctx.args = (patch_size, target_offset, eps)
-
-
-def _backward(ctx, grad_rows):
-    # NOTE: the gradient is recomputed here rather than saved by the forward. A gradient saved in bf16 and
-    # scaled by grad_rows afterwards is rounded twice, which broke the error budget (4.2x the reference's
-    # error against float64, budget 3x); this pass rounds once, and keeps the same memory traffic: forward
-    # reads pred and images, backward reads them again and writes grad_pred.
-    pred, images, prefix_lens = ctx.saved_tensors
-    patch_size, target_offset, eps = ctx.args
-    grad_pred = patch_mse_rows_backward_op(grad_rows, pred, images, patch_size, prefix_lens, target_offset, eps)
-    return grad_pred, None, None, None, None, None
-
-
-patch_mse_rows_op.register_autograd(_backward, setup_context=_setup_context)
+patch_mse_rows_op, patch_mse_rows_backward_op = define_patch_rows_ops("patch_mse_rows", _launch,
+                                                                  device_types="cpu")
 
 
 def patch_mse_rows(pred: torch.Tensor, images: torch.Tensor, patch_size: int,

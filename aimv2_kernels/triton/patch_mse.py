@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
+from .._patch_rows_op import define_patch_rows_ops
 from .._backend import triton_interpret
 
 
@@ -141,52 +142,7 @@ def _launch(pred: torch.Tensor, images: torch.Tensor, patch_size: int, prefix_le
     return out
 
 
-@torch.library.custom_op("aimv2::patch_mse_rows_triton", mutates_args=())
-def patch_mse_rows_op(pred: torch.Tensor, images: torch.Tensor, patch_size: int,
-                      prefix_lens: Optional[torch.Tensor], target_offset: int, eps: float) -> torch.Tensor:
-    """Per-row loss, fp32 ``(B, L)``; differentiable w.r.t. ``pred`` (see :func:`patch_mse_rows`)."""
-    return _launch(pred, images, patch_size, prefix_lens, target_offset, eps)
-
-
-@torch.library.custom_op("aimv2::patch_mse_rows_triton_backward", mutates_args=())
-def patch_mse_rows_backward_op(grad_rows: torch.Tensor, pred: torch.Tensor, images: torch.Tensor,
-                               patch_size: int, prefix_lens: Optional[torch.Tensor], target_offset: int,
-                               eps: float) -> torch.Tensor:
-    """``grad_rows[b, l] * 2 (pred[b, l] - target) / P``: pred's shape and dtype, 0 on rows not counted."""
-    return _launch(pred, images, patch_size, prefix_lens, target_offset, eps, grad_rows)
-
-
-@patch_mse_rows_op.register_fake
-def _(pred, images, patch_size, prefix_lens, target_offset, eps):
-    return pred.new_empty(pred.shape[:2], dtype=torch.float32)
-
-
-@patch_mse_rows_backward_op.register_fake
-def _(grad_rows, pred, images, patch_size, prefix_lens, target_offset, eps):
-    return pred.new_empty(pred.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    pred, images, patch_size, prefix_lens, target_offset, eps = inputs
-    ctx.save_for_backward(pred, images, prefix_lens)
-    ctx.args = (patch_size, target_offset, eps)
-
-
-def _backward(ctx, grad_rows):
-    # NOTE: the backward recomputes the target and writes the gradient in one pass, as the CPU backend does,
-    # instead of the forward saving d rows / d pred for the backward to scale. A gradient saved in bf16/fp16
-    # and scaled afterwards is rounded twice: over 40 seeds x 3 shapes x reductions "mean"/"none" (interpreter,
-    # fresh randn inputs and upstream gradients) its error against float64 exceeded the 3x budget in 7 of 240
-    # bf16 cases (worst 3.7x the reference's error) and 1 of 240 fp16 cases (3.3x); rounding once stayed at
-    # 1.0x. Both wirings move the same bytes: (pred + images) + (pred + images + grad) here, against
-    # (pred + images + grad) + (grad read + grad write) for a saved gradient.
-    pred, images, prefix_lens = ctx.saved_tensors
-    patch_size, target_offset, eps = ctx.args
-    grad_pred = patch_mse_rows_backward_op(grad_rows, pred, images, patch_size, prefix_lens, target_offset, eps)
-    return grad_pred, None, None, None, None, None
-
-
-patch_mse_rows_op.register_autograd(_backward, setup_context=_setup_context)
+patch_mse_rows_op, patch_mse_rows_backward_op = define_patch_rows_ops("patch_mse_rows_triton", _launch)
 
 
 def patch_mse_rows(pred: torch.Tensor, images: torch.Tensor, patch_size: int,
