@@ -177,3 +177,22 @@ def test_import_touches_neither_triton_nor_cuda():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "False"]
+
+
+def test_mismatched_devices_are_rejected():
+    """A second device ("meta") stands in for a GPU: every op names the misplaced argument."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="k is on meta"):
+        prefix_attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="prefix_lens is on meta"):
+        prefix_attention(q, k, v, torch.tensor([1, 2], device="meta"))
+    pred, images = _patch_args()
+    with pytest.raises(ValueError, match="images is on meta"):
+        patch_mse_loss(pred, images.to("meta"), 14, target_offset=1)
+    hidden, weight, targets = torch.randn(5, 8), torch.randn(7, 8), torch.randint(0, 7, (5,))
+    with pytest.raises(ValueError, match="weight is on meta"):
+        linear_cross_entropy(hidden, weight.to("meta"), targets)
+    with pytest.raises(ValueError, match="targets is on meta"):
+        linear_cross_entropy(hidden, weight, targets.to("meta"))
+    with pytest.raises(ValueError, match="targets is on meta"):
+        cross_entropy(torch.randn(5, 7), targets.to("meta"))
