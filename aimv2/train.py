@@ -214,7 +214,9 @@ def run(cfg: TrainConfig) -> dict:
         {"train": dataclasses.asdict(cfg), "model": trainer.model_cfg.to_dict()}, indent=2))
 
     first = last = None
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (CI logs); --no-progress turns it off everywhere.
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=None if cfg.progress else True, unit="step",
+               dynamic_ncols=True)
     window_start, window_images = time.perf_counter(), 0
     with open(metrics_path, "a") as log:
         while trainer.step < cfg.steps:
@@ -230,6 +232,10 @@ def run(cfg: TrainConfig) -> dict:
                 last = m
                 bar.set_postfix(loss=f"{m['loss']:.3f}", img=f"{m['loss_img']:.3f}", txt=f"{m['loss_txt']:.3f}",
                                 ips=f"{m['images_per_s']:.0f}")
+                if bar.disable and cfg.progress:  # not a terminal: one plain line per logged step instead
+                    print(f"step {m['step']}/{cfg.steps}  loss {m['loss']:.4f}  img {m['loss_img']:.4f}  "
+                          f"txt {m['loss_txt']:.4f}  lr {m['lr']:.2e}  {m['images_per_s']:.1f} img/s",
+                          file=sys.stderr, flush=True)
             if trainer.step % cfg.ckpt_every == 0 or trainer.step == cfg.steps:
                 trainer.save()
             bar.update(1)
