@@ -13,9 +13,24 @@ BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 # is installed but has no entry for an op is "unavailable" for that op, with a message that says so.
 # Signatures: patch_mse_loss kernels return the per-row loss (see aimv2_kernels.patch_mse); the others take
 # the public op's arguments (without ``backend``).
-def _cpu_patch_mse():
-    from .cpu.patch_mse import patch_mse_rows
+def _compiled_patch_mse():
+    from .compiled.patch_mse import patch_mse_rows
     return patch_mse_rows
+
+
+def _compiled_prefix_attention():
+    from .compiled.attention import prefix_attention_compiled
+    return prefix_attention_compiled
+
+
+def _compiled_cross_entropy():
+    from .compiled.cross_entropy import cross_entropy_compiled
+    return cross_entropy_compiled
+
+
+def _compiled_linear_cross_entropy():
+    from .compiled.linear_cross_entropy import linear_cross_entropy_compiled
+    return linear_cross_entropy_compiled
 
 
 def _triton_patch_mse():
@@ -39,7 +54,13 @@ def _triton_linear_cross_entropy():
 
 
 KERNELS: dict[tuple[str, str], Callable[[], Callable]] = {
-    ("patch_mse_loss", "cpu"): _cpu_patch_mse,
+    # "cpu" and "cuda" are the compiled extension: one Python wiring whose ops dispatch on the tensors' device.
+    ("patch_mse_loss", "cpu"): _compiled_patch_mse,
+    ("patch_mse_loss", "cuda"): _compiled_patch_mse,
+    ("cross_entropy", "cpu"): _compiled_cross_entropy,
+    ("cross_entropy", "cuda"): _compiled_cross_entropy,
+    ("linear_cross_entropy", "cpu"): _compiled_linear_cross_entropy,
+    ("linear_cross_entropy", "cuda"): _compiled_linear_cross_entropy,
     ("patch_mse_loss", "triton"): _triton_patch_mse,
     ("prefix_attention", "triton"): _triton_prefix_attention,
     ("cross_entropy", "triton"): _triton_cross_entropy,

@@ -3,7 +3,8 @@
 // Every op is an out-variant launcher: the Python side allocates its outputs (through
 // aimv2_kernels._alloc.new_output, so tests can poison them) and wraps the call in a
 // torch.library.custom_op with a fake implementation and autograd. Kernels live in
-// <op>_cpu.cpp (TORCH_LIBRARY_IMPL(aimv2, CPU, m)) and cuda/ (TORCH_LIBRARY_IMPL(aimv2, CUDA, m)).
+// <op>_cpu.cpp (TORCH_LIBRARY_IMPL(aimv2, CPU, m)) and cuda/<op>_glue.cpp (TORCH_LIBRARY_IMPL(aimv2, CUDA, m)),
+// so one Python wiring (aimv2_kernels/compiled/) serves the "cpu" and "cuda" backends.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -19,7 +20,36 @@ TORCH_LIBRARY(aimv2, m) {
   m.def(
       "patch_mse_rows_out(Tensor pred, Tensor images, int patch_size, Tensor? prefix_lens, "
       "int target_offset, float eps, Tensor? grad_rows, Tensor(a!)? rows, Tensor(b!)? grad) -> ()");
-  // Later ops (prefix attention, linear cross-entropy) add their m.def(...) here.
+
+  // Softmax cross-entropy rows (see aimv2_kernels.cross_entropy; formulas in csrc/cross_entropy_cpu.cpp).
+  //   logits (N, V) fp32/bf16/fp16, unit column stride; targets (N,) any integer dtype, in [0, V) or ignore_index.
+  //   saved_lse (optional, floating (N,), used in float64): the rows' lse from an earlier call; then only grad is
+  //         computed.
+  //   grad_scale (optional, floating, one element or (N,)): multiplies each row's gradient; 1 when absent.
+  //   loss_rows, lse (optional outputs): contiguous (N,), fp32 and float64. grad (optional output): logits' shape and
+  //         dtype.
+  // cross_entropy_rows_inplace writes the gradient over the logits (the caller's buffer); it always computes it.
+  m.def(
+      "cross_entropy_rows_out(Tensor logits, Tensor targets, int ignore_index, float label_smoothing, "
+      "float z_loss, Tensor? saved_lse, Tensor? grad_scale, Tensor(a!)? loss_rows, Tensor(b!)? lse, "
+      "Tensor(c!)? grad) -> ()");
+  m.def(
+      "cross_entropy_rows_inplace(Tensor(a!) logits, Tensor targets, int ignore_index, float label_smoothing, "
+      "float z_loss, Tensor? saved_lse, Tensor? grad_scale, Tensor(b!)? loss_rows, Tensor(c!)? lse) -> ()");
+
+  // Prefix-causal attention (see aimv2_kernels.prefix_attention), out-variant launchers on fresh outputs.
+  //   q, k, v (B, H, S, D), one dtype; prefix_lens: integer (B,) in [0, S], or None (plain causal); ignored when
+  //   causal is False. Key j is visible to query i iff !causal or j <= i or j < prefix_lens[b].
+  //   out: q's shape and dtype, contiguous. lse: fp32 (B, H, S), contiguous, base 2:
+  //   log2 sum_j 2^(scale * log2(e) * q_i . k_j) over the visible keys.
+  m.def(
+      "prefix_attention_forward_out(Tensor q, Tensor k, Tensor v, Tensor? prefix_lens, bool causal, "
+      "float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
+  // grad_q, grad_k, grad_v: q's shape and dtype, contiguous; the probabilities are recomputed from lse.
+  m.def(
+      "prefix_attention_backward_out(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? prefix_lens, bool causal, float scale, Tensor(a!) grad_q, Tensor(b!) grad_k, "
+      "Tensor(c!) grad_v) -> ()");
 }
 
 // The Python module only carries build facts; importing it runs the registrations above. Plain CPython API

@@ -130,7 +130,7 @@ def test_cpp_entry_checks_arguments():
     (torch.bfloat16, False, 0),
 ])
 def test_opcheck(dtype, with_prefix, target_offset):
-    from aimv2_kernels.cpu.patch_mse import patch_mse_rows_backward_op, patch_mse_rows_op
+    from aimv2_kernels.compiled.patch_mse import patch_mse_rows_backward_op, patch_mse_rows_op
 
     images, pred, n = _inputs((4, 3, 28, 14, 14), dtype, target_offset)
     lens = random_prefix_lens(4, n).int() if with_prefix else None

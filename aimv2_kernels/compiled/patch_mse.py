@@ -1,4 +1,5 @@
-"""CPU backend of ``patch_mse_loss``: the fused C++ kernel as the custom ops ``aimv2::patch_mse_rows(_backward)``."""
+"""Backends ``"cpu"`` and ``"cuda"`` of ``patch_mse_loss``: the compiled fused kernel (C++ on CPU tensors, CUDA on CUDA
+tensors) as the custom ops ``aimv2::patch_mse_rows(_backward)``."""
 # No ``from __future__ import annotations``: torch.library.custom_op infers the op's schema from the
 # annotations of the decorated function.
 from typing import Optional
@@ -7,7 +8,7 @@ import torch
 
 from .._alloc import new_output
 from .._patch_rows_op import define_patch_rows_ops
-from .._backend import load_extension
+from . import DEVICE_TYPES, require_extension
 
 
 def _launch(pred: torch.Tensor, images: torch.Tensor, patch_size: int, prefix_lens: Optional[torch.Tensor],
@@ -18,8 +19,7 @@ def _launch(pred: torch.Tensor, images: torch.Tensor, patch_size: int, prefix_le
     counted). With ``grad_rows`` (floating ``(B, L)``): returns ``grad_rows[..., None] * d rows / d pred``,
     pred's shape and dtype (0 where not counted), from a pass that recomputes the target.
     """
-    if load_extension() is None:
-        raise RuntimeError("aimv2_kernels._C is not built; reinstall with `pip install --no-build-isolation .`")
+    require_extension()
     batch, length, _ = pred.shape
     if grad_rows is None:
         out = new_output((batch, length), dtype=torch.float32, device=pred.device)
@@ -33,15 +33,15 @@ def _launch(pred: torch.Tensor, images: torch.Tensor, patch_size: int, prefix_le
 
 
 patch_mse_rows_op, patch_mse_rows_backward_op = define_patch_rows_ops("patch_mse_rows", _launch,
-                                                                  device_types="cpu")
+                                                                  device_types=DEVICE_TYPES)
 
 
 def patch_mse_rows(pred: torch.Tensor, images: torch.Tensor, patch_size: int,
                    prefix_lens: Optional[torch.Tensor], target_offset: int, eps: float) -> torch.Tensor:
-    """Per-row normalized-pixel MSE on the CPU, differentiable w.r.t. ``pred``.
+    """Per-row normalized-pixel MSE with the compiled kernel, differentiable w.r.t. ``pred``.
 
     Args:
-        pred: ``(B, L, P)`` fp32/bf16/fp16 CPU tensor, ``L = N - target_offset``, ``P = C * p * p``.
+        pred: ``(B, L, P)`` fp32/bf16/fp16 CPU or CUDA tensor, ``L = N - target_offset``, ``P = C * p * p``.
         images: ``(B, C, H, W)``, same dtype; H and W multiples of ``patch_size``.
         patch_size: p.
         prefix_lens: None or an integer ``(B,)`` tensor; row l counts iff ``l + target_offset >= prefix_lens[b]``.
