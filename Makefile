@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 160
 
-.PHONY: demo test install venv clean bench-quick
+.PHONY: demo test install venv clean bench-quick cuda-check
 
 $(PY):
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -32,7 +32,12 @@ install: venv
 demo: install
 	$(VENV)/bin/aimv2-train --preset aimv2-demo --out $(DEMO_OUT) --steps $(DEMO_STEPS) --batch-size 32
 
-test: install
+# Compiles every csrc/cuda/*.cu for sm_80 and sm_90a with the machine's nvcc and prints ptxas's register,
+# shared-memory and spill report (skipped, with a message, where there is no nvcc).
+cuda-check: install
+	$(PY) tools/cuda_compile_check.py --archs 80,90a
+
+test: install cuda-check
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:

@@ -1,9 +1,14 @@
 """Build of aimv2-kernels and its compiled extension ``aimv2_kernels._C``.
 
 The CPU part of the extension is always built. The CUDA part is built only when torch is a CUDA build and
-``nvcc`` is on the PATH (or ``CUDA_HOME`` is set); ``AIMV2_SKIP_CUDA_BUILD=1`` turns it off and
-``AIMV2_CUDA_ARCHS`` (default ``"80;90a"``) picks the architectures. The install never fails for lack of
-CUDA: the reference and Triton paths work without it. ``MAX_JOBS`` bounds ninja's parallelism.
+``nvcc`` is on the PATH (or ``CUDA_HOME`` is set); ``AIMV2_SKIP_CUDA_BUILD=1`` turns it off,
+``AIMV2_CUDA_ARCHS`` (default ``"80;90a"``) picks the architectures and ``AIMV2_PTXAS_VERBOSE=1`` prints
+ptxas's register and spill report. The install never fails for lack of CUDA: the reference and Triton paths
+work without it. ``MAX_JOBS`` bounds ninja's parallelism.
+
+CUDA sources: ``csrc/cuda/*.cu`` include CUDA's own headers only; ``csrc/cuda/*_glue.cpp`` register them with
+the dispatcher and include ATen/c10 core headers only, so both compile-check on a machine with a CPU torch
+(``tools/cuda_compile_check.py``).
 """
 import glob
 import os
@@ -54,7 +59,9 @@ def _extension():
             "aimv2_kernels._C",
             cpp + glue + cu,
             define_macros=[("AIMV2_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", *_cuda_arch_flags()]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo", *_cuda_arch_flags(),
+                                                      *(["-Xptxas=-v"] if os.environ.get("AIMV2_PTXAS_VERBOSE") == "1"
+                                                        else [])]},
         )
     return CppExtension("aimv2_kernels._C", cpp, extra_compile_args={"cxx": cxx})
 

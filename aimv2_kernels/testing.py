@@ -64,3 +64,15 @@ def random_prefix_lens(batch: int, upper: int, *, generator: torch.Generator | N
         edges = torch.tensor([0, 1, max(upper - 1, 0), upper])[:batch]
         lens[: len(edges)] = edges
     return lens
+
+
+def single_key_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor) -> float:
+    """Rounding floor of attention's dq and dk when every query sees exactly one key (S = 1, default scale).
+
+    Both gradients are exactly 0 there. The reference's softmax backward returns an exact 0 by construction,
+    while FlashAttention's ``P * (dP - delta)`` cancels two fp32 dot products of size ``max|dP|``: the floor is
+    their fp32 rounding carried through ``scale * k`` (or ``scale * q``).
+    """
+    dp = (grad_out.double() @ v.double().transpose(-1, -2)).abs().max().item()
+    qk = max(q.double().abs().max().item(), k.double().abs().max().item())
+    return 4 * torch.finfo(torch.float32).eps * dp * q.shape[-1] ** -0.5 * qk

@@ -140,6 +140,23 @@ def test_auto_rule_on_cpu():
     assert "reference" in K.available_backends("prefix_attention")
 
 
+def test_auto_rule_on_cuda_never_picks_unverified_cuda_kernels(monkeypatch):
+    """On CUDA tensors "auto" follows CUDA_AUTO; the "cuda" backend is no candidate until verified on a GPU."""
+    b = K._backend
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(b, "_unavailable_reason", lambda op, backend, device: None)  # pretend all are built
+    for op in ("patch_mse_loss", "prefix_attention", "cross_entropy", "linear_cross_entropy"):
+        assert b.resolve_backend(op, "auto", cuda) == "triton"
+        monkeypatch.setitem(b.CUDA_AUTO, op, ("cuda", "test"))
+        assert b.resolve_backend(op, "auto", cuda) == "triton"  # not verified: still Triton
+        monkeypatch.setattr(b, "CUDA_KERNELS_VERIFIED", True)
+        assert b.resolve_backend(op, "auto", cuda) == "cuda"
+        monkeypatch.setattr(b, "CUDA_KERNELS_VERIFIED", False)
+    monkeypatch.setattr(b, "_unavailable_reason", lambda op, backend, device: None if backend == "cuda" else "no")
+    assert b.resolve_backend("cross_entropy", "auto", cuda) == "reference"  # unverified cuda is not a fallback
+    assert b.resolve_backend("cross_entropy", "cuda", cuda) == "cuda"  # explicit use works
+
+
 def test_import_without_triton_or_extension():
     """Block triton and aimv2_kernels._C: both packages import and the reference path runs."""
     code = textwrap.dedent("""

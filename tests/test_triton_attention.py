@@ -10,7 +10,8 @@ import triton  # noqa: E402,F401  (a test dependency: a missing triton must fail
 
 from aimv2_kernels import prefix_attention  # noqa: E402
 from aimv2_kernels.reference.attention import prefix_attention_reference  # noqa: E402
-from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens  # noqa: E402
+from aimv2_kernels.testing import (  # noqa: E402
+    FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens, single_key_floor)
 from aimv2_kernels.triton import attention_backward as bwd_module  # noqa: E402
 from aimv2_kernels.triton import attention_forward as fwd_module  # noqa: E402
 from aimv2_kernels.triton.attention import prefix_attention_triton  # noqa: E402
@@ -35,25 +36,13 @@ def _leaves64(*tensors):
     return [t.detach().double().requires_grad_() for t in tensors]
 
 
-def _single_key_floor(q, k, v, do):
-    """Rounding floor of dq and dk when S = 1, where both are exactly 0 (one visible key per row).
-
-    The reference's softmax backward returns an exact 0 there by construction, while FlashAttention's
-    ``P * (dP - delta)`` cancels two fp32 dot products of size ``max|dP|``: the floor is their fp32 rounding
-    carried through ``scale * k`` (or ``scale * q``).
-    """
-    dp = (do.double() @ v.double().transpose(-1, -2)).abs().max().item()
-    qk = max(q.double().abs().max().item(), k.double().abs().max().item())
-    return 4 * torch.finfo(torch.float32).eps * dp * q.shape[-1] ** -0.5 * qk
-
-
 def _check(q, k, v, lens, *, causal=True, scale=None, label=""):
     """Triton vs the same-dtype reference vs the float64 oracle, forward and the three gradients."""
     do = torch.randn_like(q)
     ours = _run(prefix_attention, q, k, v, do, lens, causal=causal, scale=scale, backend="triton")
     ref = _run(prefix_attention_reference, q, k, v, do, lens, causal=causal, scale=scale)
     oracle = _run(prefix_attention_reference, *_leaves64(q, k, v), do.double(), lens, causal=causal, scale=scale)
-    floor = _single_key_floor(q, k, v, do) if q.shape[2] == 1 and scale is None else None
+    floor = single_key_floor(q, k, v, do) if q.shape[2] == 1 and scale is None else None
     assert ours[0].dtype == q.dtype and ours[0].shape == q.shape
     for name, a, r, o in zip(("out", "dq", "dk", "dv"), ours, ref, oracle):
         assert a.dtype == q.dtype
