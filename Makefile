@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 160
 
-.PHONY: demo test install venv clean bench-quick cuda-check
+.PHONY: demo test install venv clean bench-quick cuda-check bench-cpu
 
 $(PY):
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -39,6 +39,11 @@ cuda-check: install
 
 test: install cuda-check
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The compiled CPU kernels against their targets, the references and the peers (a few minutes on 2 cores).
+bench-cpu: install
+	$(PIP) install -q -e ".[bench]" --no-build-isolation
+	$(PY) bench/cpu_check.py --out bench/results
 
 clean:
 	rm -rf build *.egg-info aimv2_kernels/_C*.so runs

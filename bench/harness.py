@@ -68,6 +68,56 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup_ms: float 
     return statistics.median(times), q[1], q[7]
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """CPU timing of several callables side by side: one warm-up call each, then ``runs`` rounds of one call per
+    callable, in milliseconds. On a machine shared with other jobs a burst of load then hits every provider
+    rather than one."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def summarize(op: str, config: str, provider: str, mode: str, samples: list[float]) -> Result:
+    """A Result with the median and 20th/80th percentiles of ``samples`` (milliseconds)."""
+    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else [samples[0]] * 9
+    return Result(op=op, config=config, provider=provider, mode=mode, median_ms=statistics.median(samples),
+                  p20_ms=q[1], p80_ms=q[7])
+
+
+def _status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def rss_peak_growth_mb(fn: Callable[[], object]) -> float:
+    """Peak resident memory of one call of ``fn`` above what was resident before it (Linux, CPU).
+
+    Meant for a fresh subprocess per provider (see ``CPU_MEMORY_ENV``): after a warm-up call (thread pools,
+    compiled graphs, .grad buffers), ``VmHWM`` is reset to the current resident size through
+    ``/proc/self/clear_refs`` and read back after the call.
+    """
+    fn()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+# glibc returns every block above 128 KiB to the system on free, so that the resident size follows live memory.
+CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak allocated memory during one call, above what was allocated before it (GPU only)."""
     if device.type != "cuda":

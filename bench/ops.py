@@ -2,7 +2,8 @@
 
 Providers: our backends by name (``"triton"``, ``"cpu"``, ``"cuda"``), ``"reference"`` (eager),
 ``"reference-compiled"`` (the reference under ``torch.compile``) and the installed peers
-(``"sdpa-dense-mask"``, ``"flex-attention"``; ``"liger"`` and ``"cut-cross-entropy"`` when installed).
+(``"sdpa-dense-mask"``, ``"flex-attention"``; ``"liger"``, ``"cut-cross-entropy"`` and
+``"cce-torch_compile"`` (cut-cross-entropy's ``impl="torch_compile"``, which runs on a CPU) when installed).
 """
 from __future__ import annotations
 
@@ -164,9 +165,10 @@ def linear_ce_setup(cfg: LinearCEConfig, provider: str, mode: str, device):
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss()
         loss = lambda: liger(weight, hidden, targets)  # noqa: E731
-    elif provider == "cut-cross-entropy":
+    elif provider in ("cut-cross-entropy", "cce-torch_compile"):
         from cut_cross_entropy import linear_cross_entropy as cce
-        loss = lambda: cce(hidden, weight, targets)  # noqa: E731
+        impl = {"impl": "torch_compile"} if provider == "cce-torch_compile" else {}  # the CPU-capable impl
+        loss = lambda: cce(hidden, weight, targets, **impl)  # noqa: E731
     else:
         raise ValueError(f"no provider {provider!r} for linear_cross_entropy")
     return _step(loss, [hidden, weight], mode)
