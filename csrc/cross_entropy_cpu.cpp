@@ -30,6 +30,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cross_entropy_args.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -339,9 +341,7 @@ template <typename T> void ce_row(const RowOps& ops, const Options& o, const Row
 
 // ------------------------------------------------------------------------------------------------ the op
 
-struct Buffers {
-  std::optional<at::Tensor> saved_lse, grad_scale, loss_rows, lse;
-};
+using ce_args::Buffers;
 
 template <typename T>
 void ce_rows_kernel(const at::Tensor& logits, T* grad, int64_t grad_stride, const int64_t* targets,
@@ -368,67 +368,15 @@ void ce_rows_kernel(const at::Tensor& logits, T* grad, int64_t grad_stride, cons
 
 #define CE_CHECK(cond, ...) TORCH_CHECK(cond, op_name, ": ", __VA_ARGS__)
 
-// A float (N,) input as a contiguous tensor of dtype `to`.
-at::Tensor row_floats(const char* op_name, const char* name, const at::Tensor& t, int64_t n, bool allow_scalar,
-                      at::ScalarType to) {
-  CE_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  CE_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ", t.scalar_type());
-  const bool is_rows = t.dim() == 1 && t.size(0) == n;
-  CE_CHECK(is_rows || (allow_scalar && t.numel() == 1), name, " must have shape (", n, ",)",
-           allow_scalar ? " or hold one element" : "", ", got ", t.sizes());
-  return t.to(to).contiguous();  // an expanded scalar (from .sum()) arrives with zero strides
-}
-
-void check_row_output(const char* op_name, const char* name, const at::Tensor& out, int64_t n,
-                      at::ScalarType dtype) {
-  CE_CHECK(out.device().is_cpu(), name, " must be a CPU tensor, got ", out.device());
-  CE_CHECK(out.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", out.scalar_type());
-  CE_CHECK(out.dim() == 1 && out.size(0) == n, name, " must have shape (", n, ",), got ", out.sizes());
-  CE_CHECK(out.is_contiguous(), name, " must be contiguous");
-}
-
 // Shared entry of both schemas. `grad` is the gradient output: the logits themselves when `in_place`.
 void ce_rows(const char* op_name, const at::Tensor& logits_in, const at::Tensor& targets, int64_t ignore_index,
              double label_smoothing, double z_loss, const Buffers& b, const std::optional<at::Tensor>& grad,
              bool in_place) {
-  CE_CHECK(logits_in.device().is_cpu() && targets.device().is_cpu(), "logits and targets must be CPU tensors, "
-           "got ", logits_in.device(), " and ", targets.device());
-  CE_CHECK(logits_in.dim() == 2, "logits must be (N, V), got shape ", logits_in.sizes());
-  const auto dtype = logits_in.scalar_type();
-  CE_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-           "logits must be float32, bfloat16 or float16, got ", dtype);
-  const int64_t n = logits_in.size(0), V = logits_in.size(1);
-  CE_CHECK(V >= 1, "logits must have at least one class, got shape ", logits_in.sizes());
-  CE_CHECK(at::isIntegralType(targets.scalar_type(), /*includeBool=*/false),
-           "targets must be an integer tensor, got ", targets.scalar_type());
-  CE_CHECK(targets.dim() == 1 && targets.size(0) == n, "targets must have shape (", n, ",), got ",
-           targets.sizes());
-  CE_CHECK(std::isfinite(label_smoothing) && 0.0 <= label_smoothing && label_smoothing <= 1.0,
-           "label_smoothing must lie in [0, 1], got ", label_smoothing);
-  CE_CHECK(std::isfinite(z_loss) && z_loss >= 0.0, "z_loss must be a finite float >= 0, got ", z_loss);
-  const bool given = b.saved_lse.has_value();
-  CE_CHECK(!given || (!b.loss_rows.has_value() && !b.lse.has_value()),
-           "with saved_lse, only the gradient can be computed (loss_rows and lse must be None)");
-  at::Tensor saved_lse, scale;
-  if (given) saved_lse = row_floats(op_name, "saved_lse", *b.saved_lse, n, false, at::kDouble);
-  if (b.grad_scale.has_value()) scale = row_floats(op_name, "grad_scale", *b.grad_scale, n, true, at::kFloat);
-  if (b.loss_rows.has_value()) check_row_output(op_name, "loss_rows", *b.loss_rows, n, at::kFloat);
-  if (b.lse.has_value()) check_row_output(op_name, "lse", *b.lse, n, at::kDouble);
-  if (grad.has_value()) {
-    CE_CHECK(grad->device().is_cpu(), "grad must be a CPU tensor, got ", grad->device());
-    CE_CHECK(grad->scalar_type() == dtype, "grad must have the logits' dtype ", dtype, ", got ",
-             grad->scalar_type());
-    CE_CHECK(grad->sizes() == logits_in.sizes(), "grad must have shape ", logits_in.sizes(), ", got ",
-             grad->sizes());
-    CE_CHECK(grad->stride(1) == 1 || V == 1, "grad must have unit column stride, got strides ", grad->strides());
-    if (in_place) {
-      CE_CHECK(logits_in.stride(1) == 1 || V == 1, "logits must have unit column stride to be overwritten");
-      at::assert_no_internal_overlap(logits_in);
-    } else {
-      at::assert_no_overlap(*grad, logits_in);
-      at::assert_no_internal_overlap(*grad);
-    }
-  }
+  CE_CHECK(logits_in.device().is_cpu(), "logits must be a CPU tensor, got ", logits_in.device());
+  const ce_args::Checked c =
+      ce_args::check(op_name, logits_in, targets, label_smoothing, z_loss, b, grad, in_place);
+  const int64_t n = c.n, V = c.V;
+  const at::Tensor &saved_lse = c.saved_lse, &scale = c.scale;
   const at::Tensor long_targets = targets.to(at::kLong).contiguous();
   const int64_t* t = long_targets.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r) {  // bad targets raise here instead of reading outside a row
@@ -441,7 +389,7 @@ void ce_rows(const char* op_name, const at::Tensor& logits_in, const at::Tensor&
   const Options o{V, ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss)};
   float* loss_ptr = b.loss_rows.has_value() ? b.loss_rows->mutable_data_ptr<float>() : nullptr;
   double* lse_ptr = b.lse.has_value() ? b.lse->mutable_data_ptr<double>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cross_entropy_rows_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "cross_entropy_rows_cpu", [&] {
     ce_rows_kernel<scalar_t>(logits, grad.has_value() ? grad->mutable_data_ptr<scalar_t>() : nullptr,
                              grad.has_value() ? grad->stride(0) : 0, t, o,
                              scale.defined() ? scale.const_data_ptr<float>() : nullptr,

@@ -26,6 +26,50 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// 16 bytes <-> floats. fp32: 4 values; bf16/fp16: 8 values, the lower half of each 32-bit word first.
+template <typename T> struct Vec16;
+template <> struct Vec16<float> {
+  static constexpr int N = 4;
+  __device__ static void unpack(uint4 u, float* v) {
+    v[0] = __uint_as_float(u.x); v[1] = __uint_as_float(u.y); v[2] = __uint_as_float(u.z); v[3] = __uint_as_float(u.w);
+  }
+  __device__ static uint4 pack(const float* v) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+  }
+};
+__device__ __forceinline__ float half_bits_to_float(__nv_bfloat16*, unsigned bits) { return __uint_as_float(bits << 16); }
+__device__ __forceinline__ float half_bits_to_float(__half*, unsigned bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+__device__ __forceinline__ unsigned float_to_half_bits(__nv_bfloat16*, float x) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+__device__ __forceinline__ unsigned float_to_half_bits(__half*, float x) { return __half_as_ushort(__float2half_rn(x)); }
+
+template <typename T> struct Vec16Half {
+  static constexpr int N = 8;
+  __device__ static void unpack_word(unsigned w, float* v) {
+    v[0] = half_bits_to_float(static_cast<T*>(nullptr), w & 0xffffu);
+    v[1] = half_bits_to_float(static_cast<T*>(nullptr), w >> 16);
+  }
+  __device__ static unsigned pack_word(const float* v) {
+    return float_to_half_bits(static_cast<T*>(nullptr), v[0]) | (float_to_half_bits(static_cast<T*>(nullptr), v[1]) << 16);
+  }
+  __device__ static void unpack(uint4 u, float* v) {
+    unpack_word(u.x, v); unpack_word(u.y, v + 2); unpack_word(u.z, v + 4); unpack_word(u.w, v + 6);
+  }
+  __device__ static uint4 pack(const float* v) { return make_uint4(pack_word(v), pack_word(v + 2), pack_word(v + 4), pack_word(v + 6)); }
+};
+template <> struct Vec16<__nv_bfloat16> : Vec16Half<__nv_bfloat16> {};
+template <> struct Vec16<__half> : Vec16Half<__half> {};
+
+template <typename T> __device__ __forceinline__ void load16(const T* src, float* v) {
+  Vec16<T>::unpack(*reinterpret_cast<const uint4*>(src), v);
+}
+template <typename T> __device__ __forceinline__ void store16(T* dst, const float* v) {
+  *reinterpret_cast<uint4*>(dst) = Vec16<T>::pack(v);
+}
+
 // nullptr after a successful launch, else CUDA's message (see csrc/cuda/glue.h: check_launch).
 inline const char* launch_error() {
   cudaError_t err = cudaGetLastError();
