@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._alloc import new_output
+from .._attention_op import define_attention_ops
 from . import DEVICE_TYPES, require_extension
 
 # What the CUDA kernels (csrc/cuda/prefix_attention.cu) implement; the CPU kernels take any D and fp32 too.
@@ -43,48 +44,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return dq, dk, dv
 
 
-@torch.library.custom_op("aimv2::compiled_prefix_attention", mutates_args=(), device_types=DEVICE_TYPES)
-def forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_lens: Optional[torch.Tensor], causal: bool,
-               scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``: out ``(B, H, S, D)`` in q's dtype, lse fp32 ``(B, H, S)`` (see ``attention_forward``)."""
-    return attention_forward(q, k, v, prefix_lens, causal=causal, scale=scale)
-
-
-@torch.library.custom_op("aimv2::compiled_prefix_attention_backward", mutates_args=(),
-                        device_types=DEVICE_TYPES)
-def backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, prefix_lens: Optional[torch.Tensor], causal: bool,
-                scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)``, each ``(B, H, S, D)`` in q's dtype (see ``attention_backward``)."""
-    return attention_backward(grad_out, q, k, v, out, lse, prefix_lens, causal=causal, scale=scale)
-
-
-@forward_op.register_fake
-def _(q, k, v, prefix_lens, causal, scale):
-    batch, heads, seq, head_dim = q.shape
-    return q.new_empty((batch, heads, seq, head_dim)), q.new_empty((batch, heads, seq), dtype=torch.float32)
-
-
-@backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, prefix_lens, causal, scale):
-    return tuple(q.new_empty(q.shape[:4]) for _ in range(3))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_lens, causal, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, prefix_lens)
-    ctx.causal, ctx.scale = causal, scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, prefix_lens = ctx.saved_tensors
-    dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, prefix_lens, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-forward_op.register_autograd(_backward, setup_context=_setup_context)
+forward_op, backward_op = define_attention_ops("compiled_prefix_attention", attention_forward, attention_backward,
+                                               device_types=DEVICE_TYPES)
 
 
 def check_cuda_support(q: torch.Tensor) -> None:

@@ -1,55 +1,16 @@
 """Triton backend of ``prefix_attention``: custom ops ``aimv2::prefix_attention_triton(_backward)``, autograd."""
 # No ``from __future__ import annotations``: torch.library.custom_op infers the op's schema from the
 # annotations of the decorated function.
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
+from .._attention_op import define_attention_ops
 from .attention_backward import attention_backward
 from .attention_forward import HEAD_DIMS, attention_forward
 
 
-@torch.library.custom_op("aimv2::prefix_attention_triton", mutates_args=())
-def forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_lens: Optional[torch.Tensor], causal: bool,
-               scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``: out ``(B, H, S, D)`` in q's dtype, lse fp32 ``(B, H, S)`` (see ``attention_forward``)."""
-    return attention_forward(q, k, v, prefix_lens, causal=causal, scale=scale)
-
-
-@torch.library.custom_op("aimv2::prefix_attention_triton_backward", mutates_args=())
-def backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, prefix_lens: Optional[torch.Tensor], causal: bool,
-                scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)``, each ``(B, H, S, D)`` in q's dtype (see ``attention_backward``)."""
-    return attention_backward(grad_out, q, k, v, out, lse, prefix_lens, causal=causal, scale=scale)
-
-
-@forward_op.register_fake
-def _(q, k, v, prefix_lens, causal, scale):
-    batch, heads, seq, head_dim = q.shape
-    return q.new_empty((batch, heads, seq, head_dim)), q.new_empty((batch, heads, seq), dtype=torch.float32)
-
-
-@backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, prefix_lens, causal, scale):
-    return tuple(q.new_empty(q.shape[:4]) for _ in range(3))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_lens, causal, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, prefix_lens)
-    ctx.causal, ctx.scale = causal, scale
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, prefix_lens = ctx.saved_tensors
-    dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, prefix_lens, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-forward_op.register_autograd(_backward, setup_context=_setup_context)
+forward_op, backward_op = define_attention_ops("prefix_attention_triton", attention_forward, attention_backward)
 
 
 def prefix_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_lens: Optional[torch.Tensor],
