@@ -8,7 +8,8 @@ import torch
 
 from .._alloc import new_output
 from . import DEVICE_TYPES
-from .cross_entropy import ce_rows, grad_scale, mean_scale, reduce_rows
+from .._cross_entropy_op import grad_scale, mean_scale, reduce_rows
+from .cross_entropy import ce_rows
 
 # Logits elements per chunk: the (rows, V) buffer, in the input dtype, is the only V-sized temporary. 2**24
 # elements is 64 MiB in fp32: at V = 32000, 524 tokens per chunk.

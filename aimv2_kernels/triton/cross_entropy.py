@@ -2,13 +2,14 @@
 # No ``from __future__ import annotations``: torch.library.custom_op infers the op's schema from the
 # annotations of the decorated function.
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .._alloc import new_output
+from .._cross_entropy_op import define_cross_entropy_ops, flat_cross_entropy
 
 
 def _interpret() -> bool:
@@ -166,87 +167,27 @@ def ce_rows(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int, l
     )
 
 
-def mean_scale(targets: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(count, 1/count)`` on the device, fp32 ``(1,)``; count = non-ignored targets, at least 1 (no sync)."""
-    targets = targets if targets.dtype == torch.int64 else targets.long()  # compare values as the kernel does
-    count = (targets != ignore_index).sum().clamp_min(1).to(torch.float32).reshape(1)
-    return count, count.reciprocal()
-
-
-def reduce_rows(rows: torch.Tensor, reduction: str, count: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-row fp32 losses to the op's output: their sum divided by ``count`` ("mean"), sum, or themselves."""
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    return total / count[0] if reduction == "mean" else total
-
-
-def grad_scale(grad_loss: torch.Tensor, reduction: str, targets: torch.Tensor, ignore_index: int):
-    """The gradient's scale from the loss's gradient: ``{"scale": (1,)}`` or ``{"row_scale": (N,)}``, fp32."""
-    if reduction == "none":
-        return {"row_scale": grad_loss.float()}
-    g = grad_loss.float().reshape(1)
-    return {"scale": g / mean_scale(targets, ignore_index)[0] if reduction == "mean" else g}
-
-
-@torch.library.custom_op("aimv2::triton_cross_entropy", mutates_args=())
-def cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
-                     z_loss: float, reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, lse)`` of ``(N, V)`` logits and ``(N,)`` targets: fp32 loss (``()``, or ``(N,)`` for "none")
-    and the fp32 ``(N,)`` row logsumexp that the backward reuses. Differentiable w.r.t. ``logits``."""
+def _forward(logits, targets, ignore_index, label_smoothing, z_loss):
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     targets = targets.contiguous()
     rows = new_output(targets.shape, dtype=torch.float32, device=logits.device)
     lse = new_output(targets.shape, dtype=torch.float32, device=logits.device)
     ce_rows(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             loss_rows=rows, lse=lse)
-    count = mean_scale(targets, ignore_index)[0] if reduction == "mean" else None
-    return reduce_rows(rows, reduction, count), lse
+    return rows, lse
 
 
-@torch.library.custom_op("aimv2::triton_cross_entropy_backward", mutates_args=())
-def cross_entropy_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                              lse: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                              reduction: str) -> torch.Tensor:
-    """d(loss)/d(logits) times ``grad_loss`` (``()``, or ``(N,)`` for "none"): logits' shape and dtype."""
+def _gradient(logits, targets, lse, ignore_index, label_smoothing, z_loss, scale):
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     grad = new_output(logits.shape, dtype=logits.dtype, device=logits.device)
     ce_rows(logits, targets.contiguous(), ignore_index=ignore_index, label_smoothing=label_smoothing,
             z_loss=z_loss, lse=lse, lse_given=True, grad=grad,
-            **grad_scale(grad_loss, reduction, targets, ignore_index))
+            **({"row_scale": scale} if scale.numel() > 1 else {"scale": scale}))
     return grad
 
 
-@cross_entropy_op.register_fake
-def _(logits, targets, ignore_index, label_smoothing, z_loss, reduction):
-    rows = logits.new_empty(targets.shape, dtype=torch.float32)
-    return (rows if reduction == "none" else rows.new_empty(())), rows.new_empty(targets.shape)
-
-
-@cross_entropy_backward_op.register_fake
-def _(grad_loss, logits, targets, lse, ignore_index, label_smoothing, z_loss, reduction):
-    return torch.empty_like(logits)
-
-
-# NOTE: the gradient is written by a second launch in the backward (from the saved lse, with grad_output and
-# 1/count folded into its one rounding), not saved by the forward and scaled afterwards. Measured on the CPU
-# interpreter with a random grad_output (10 seeds, (7, 50) and (33, 1003) logits): saving then scaling gave
-# bf16 / fp16 logits gradients 2.7x / 2.3x the reference's error against float64 (budget 3x); this gives 1.0x.
-# It also moves less memory (forward: read logits; backward: read logits, write grad) and holds no (N, V)
-# gradient between the passes.
-def _setup_context(ctx, inputs, output):
-    logits, targets, *ctx.options = inputs
-    ctx.save_for_backward(logits, targets, output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, grad_loss, _grad_lse):
-    logits, targets, lse = ctx.saved_tensors
-    grad = cross_entropy_backward_op(grad_loss, logits, targets, lse, *ctx.options)
-    return grad, None, None, None, None, None
-
-
-cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+cross_entropy_op, cross_entropy_backward_op = define_cross_entropy_ops(
+    "triton_cross_entropy", _forward, _gradient, torch.float32)
 
 
 def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
@@ -266,7 +207,4 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, *, ignore_
         the gradient, already multiplied by ``grad_output`` (and 1/count for "mean"; count on the device).
         No host synchronisation.
     """
-    v = logits.shape[-1]
-    loss, _ = cross_entropy_op(logits.reshape(-1, v), targets.reshape(-1), ignore_index, float(label_smoothing),
-                               float(z_loss), reduction)
-    return loss.reshape(targets.shape) if reduction == "none" else loss
+    return flat_cross_entropy(cross_entropy_op, logits, targets, ignore_index, label_smoothing, z_loss, reduction)

@@ -6,7 +6,8 @@ from typing import Optional, Tuple
 import torch
 
 from .._alloc import new_output
-from .cross_entropy import ce_rows, mean_scale, reduce_rows
+from .._cross_entropy_op import mean_scale, reduce_rows
+from .cross_entropy import ce_rows
 
 # Logits elements per chunk. A chunk's ``(rows, V)`` logits buffer, in the input dtype, is the only V-sized
 # temporary (2**26 elements: 128 MiB in bf16; at V = 32000, 2097 tokens per chunk).
