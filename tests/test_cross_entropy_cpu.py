@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 import aimv2_kernels
 from aimv2_kernels._backend import extension_available, load_extension
 from aimv2_kernels.reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
-from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget
+from ce_cases import check as _check, run as _run, targets_with_ignored as _targets, upstream as _upstream
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="aimv2_kernels._C is not built")
 
@@ -29,36 +29,6 @@ REDUCTIONS = ["mean", "sum", "none"]
 # (ignore_index, label_smoothing, z_loss): the defaults; then all features, with an in-range ignore_index
 # (AIMv2's pad id 1); then an ignore_index above V.
 OPTIONS = [(-100, 0.0, 0.0), (1, 0.1, 1e-3), (5000, 0.2, 0.0)]
-
-
-def _targets(shape, v, ignore_index, every=3):
-    """Random class ids with every ``every``-th token set to ``ignore_index``."""
-    t = torch.randint(0, v, shape)
-    t.view(-1)[::every] = ignore_index
-    return t
-
-
-def _upstream(loss_shape, reduction):
-    """A random gradient of the loss: non-uniform per token for "none"."""
-    return torch.randn(loss_shape if reduction == "none" else ())
-
-
-def _run(fn, inputs, args, upstream, *, with_bias=False, **kw):
-    """``fn(*inputs, *args, **kw)`` (the last input passed as ``bias=`` when ``with_bias``), backpropagated
-    with ``upstream``: ``[value, grad of each input]``."""
-    leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    if with_bias:
-        out = fn(*leaves[:-1], *args, bias=leaves[-1], **kw)
-    else:
-        out = fn(*leaves, *args, **kw)
-    (out * upstream.to(out.dtype)).sum().backward()
-    return [out.detach()] + [x.grad for x in leaves]
-
-
-def _check(ours, ref, oracle, what):
-    names = ["loss", "grad 0", "grad 1", "grad 2"]
-    for i, (a, r, o) in enumerate(zip(ours, ref, oracle)):
-        assert_within_budget(a, r, o, k=FORWARD_K if i == 0 else GRADIENT_K, name=f"{names[i]} {what}")
 
 
 # ---------------------------------------------------------------- cross_entropy over given logits
