@@ -13,7 +13,8 @@ import torch
 from aimv2_kernels import prefix_attention
 from aimv2_kernels._backend import extension_available
 from aimv2_kernels.reference.attention import prefix_attention_reference
-from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens
+from aimv2_kernels.testing import (FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens,
+                                   single_key_floor)
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="aimv2_kernels._C is not built")
 
@@ -40,25 +41,13 @@ def _leaves64(*tensors):
     return [t.detach().double().requires_grad_() for t in tensors]
 
 
-def _single_key_floor(q, k, v, do):
-    """Rounding floor of dq and dk when S = 1, where both are exactly 0 (one visible key per row).
-
-    The reference's softmax backward returns an exact 0 there by construction, while ``P * (dP - delta)``
-    cancels two fp32 dot products of size ``max|dP|``: the floor is their fp32 rounding carried through
-    ``scale * k`` (or ``scale * q``).
-    """
-    dp = (do.double() @ v.double().transpose(-1, -2)).abs().max().item()
-    qk = max(q.double().abs().max().item(), k.double().abs().max().item())
-    return 4 * torch.finfo(torch.float32).eps * dp * q.shape[-1] ** -0.5 * qk
-
-
 def _check(q, k, v, lens, *, causal=True, scale=None, label=""):
     """CPU kernels vs the same-dtype reference vs the float64 oracle, forward and the three gradients."""
     do = torch.randn_like(q)
     ours = _run(prefix_attention, q, k, v, do, lens, causal=causal, scale=scale, backend="cpu")
     ref = _run(prefix_attention_reference, q, k, v, do, lens, causal=causal, scale=scale)
     oracle = _run(prefix_attention_reference, *_leaves64(q, k, v), do.double(), lens, causal=causal, scale=scale)
-    floor = _single_key_floor(q, k, v, do) if q.shape[2] == 1 and scale is None else None
+    floor = single_key_floor(q, k, v, do) if q.shape[2] == 1 and scale is None else None
     assert ours[0].shape == q.shape
     for name, a, r, o in zip(("out", "dq", "dk", "dv"), ours, ref, oracle):
         assert a.dtype == q.dtype
@@ -221,7 +210,6 @@ def test_opcheck(dtype, with_prefix):
                           (do, q.detach(), k.detach(), v.detach(), out, lse, lens, True, 0.25))
 
 
-@pytest.mark.slow
 def test_torch_compile_fullgraph():
     q, k, v = _qkv(2, 1, 70, 16, torch.bfloat16)
     lens = torch.tensor([0, 9])
