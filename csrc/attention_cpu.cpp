@@ -522,10 +522,11 @@ void on_threads(int64_t workers, const Fn& fn) {
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP) && defined(__ELF__)
   if (workers > 1 && GOMP_parallel != nullptr && !at::in_parallel_region()) {
     struct Context {
-      const Fn* fn;
+      const Fn* fn = nullptr;
       std::atomic_flag failed = ATOMIC_FLAG_INIT;
       std::exception_ptr error;
-    } context{&fn};
+    } context;
+    context.fn = &fn;
     auto run = [](void* data) {
       auto* c = static_cast<Context*>(data);
       try {
