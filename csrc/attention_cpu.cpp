@@ -18,9 +18,12 @@
 //   backward dK/dV, task = key tile: S = Q K^T (K^T packed, pre-scaled), dP = dO V^T (V^T packed),
 //                                    dV += P^T dO,  dK += dS^T Q            (A = P, dS buffers read transposed)
 //   backward dQ, task = query tile:  S^T = K Q^T, dP^T = V dO^T (Q^T, dO^T packed),  dQ += dS K
-// with dS = P (dP - delta), delta_i = sum_d dO_id O_id. The two backward loops own disjoint outputs: no races,
-// no atomic adds. Each loop runs its (b, h, tile) tasks on torch's intra-op threads, handed out one at a time,
-// head by head (see run_tasks). Extra memory is a few tiles per thread plus delta, fp32 (B, H, S).
+// with dS = P (dP - delta), delta_i = sum_d dO_id O_id. That is the split backward: the two loops own disjoint
+// outputs (no races, no atomic adds) but compute S and dP twice. The fused backward, used when there are at
+// least 4 (b, h) per thread, runs one task per (b, h): the dK/dV loop over its key tiles, adding dQ += dS K into
+// an fp32 (S, Dp) buffer of the thread's, so 5 products per pair of tiles instead of 7 (see use_fused_backward).
+// Tasks run on torch's intra-op threads, handed out one at a time, head by head (see run_tasks). Extra memory
+// is a few tiles per thread, plus delta, fp32 (B, H, S), plus for the fused backward S x Dp fp32 per thread.
 //
 // The hot loops use GCC/Clang vector extensions (8 x fp32) and are compiled twice: for the build's baseline
 // ISA and, on x86-64, for AVX2+FMA (chosen at run time; ATEN_CPU_CAPABILITY=default forces the baseline), as
@@ -30,8 +33,9 @@
 // NOTE: the GEMM micro-kernel keeps a 6 x 16 block of C in 12 ymm registers (one B row of 2 vectors, 6
 // broadcasts of A per step). On the 2-core AMD EPYC (Zen 3) build machine, shared with other jobs, it reached
 // 70-85 GFLOP/s on one core for 64 x 64 x 64 products in L1 (MKL: 69 GFLOP/s on a 1024^3 matmul), and the whole
-// B=4, H=8, S=1024, D=64 fp32 forward+backward with random prefixes ran 1.4x faster than SDPA with a dense
-// boolean mask, with half its peak memory (bench/prefix_attention_cpu.py).
+// B=4, H=8, S=1024, D=64 fp32 forward+backward with random prefixes ran 1.3x faster than SDPA with a dense
+// boolean mask with the split backward, with half its peak memory (bench/prefix_attention_cpu.py). The fused
+// backward took it from 572 to 451 ms (median of 7 interleaved rounds, 2 threads, load average about 2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -392,15 +396,16 @@ AIMV2_INLINE void probs_and_dscores(float* s, float* dp, int64_t width, const fl
   }
 }
 
-// dK and dV of one key tile [n0, n0 + bn): loops over the query tiles that can see it.
+// dK and dV of one key tile [n0, n0 + bn): loops over the query tiles that can see it. With kFusedDq it also
+// adds dS K into w.dq, the fp32 dQ of the whole (b, h) (S x Dp), which the caller zeroes and writes out.
 struct KeyTileWork {
-  std::vector<float> kT, vT, s, dp, qbuf, dobuf, dk, dv;
+  std::vector<float> kT, vT, s, dp, qbuf, dobuf, dk, dv, kbuf, dq;  // kbuf, dq: fused backward only
   explicit KeyTileWork(int64_t D, int64_t Dp)
       : kT(D * kBwdBlockN), vT(D * kBwdBlockN), s(kBwdBlockM * kBwdBlockN), dp(kBwdBlockM * kBwdBlockN),
         qbuf(kBwdBlockM * Dp), dobuf(kBwdBlockM * Dp), dk(kBwdBlockN * Dp), dv(kBwdBlockN * Dp) {}
 };
 
-template <bool kAvx2, typename T>
+template <bool kAvx2, bool kFusedDq, typename T>
 AIMV2_INLINE void dkdv_task(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
                             int64_t tile, KeyTileWork& w) {
   const int64_t S = p.S, D = p.D, Dp = p.Dp, b = bh / p.H, h = bh % p.H, n0 = tile * kBwdBlockN;
@@ -415,6 +420,8 @@ AIMV2_INLINE void dkdv_task(const Problem<T>& p, const Rows<T>& dout, const Back
   fill(dv, bn * Dp, 0.f);
   const float* lse2 = in.lse2 + bh * S;
   const float* delta = in.delta + bh * S;
+  View kt{nullptr, 0};  // K rows, unscaled, padded to Dp: the B operand of dQ += dS K
+  if constexpr (kFusedDq) kt = rows_view(p.k.at(b, h, n0), p.k.ss, bn, D, Dp, w.kbuf.data(), true);
   // When n0 >= M, queries i < n0 never see this tile (i < n0 <= j and j >= M): start at n0.
   for (int64_t m0 = n0 < M ? 0 : n0; m0 < S; m0 += kBwdBlockM) {
     const int64_t bm = std::min(kBwdBlockM, S - m0);
@@ -433,6 +440,9 @@ AIMV2_INLINE void dkdv_task(const Problem<T>& p, const Rows<T>& dout, const Back
     }
     gemm<kAvx2, true>(bn, Dp, bm, s, lds, dot.ptr, dot.ld, dv, Dp, true);   // dV += P^T dO
     gemm<kAvx2, true>(bn, Dp, bm, dp, lds, qt.ptr, qt.ld, dk, Dp, true);    // dK += dS^T Q
+    if constexpr (kFusedDq) {
+      gemm<kAvx2, false>(bm, Dp, bn, dp, lds, kt.ptr, kt.ld, w.dq.data() + m0 * Dp, Dp, true);  // dQ += dS K
+    }
   }
   T* dk_out = static_cast<T*>(in.dk) + (bh * S + n0) * D;
   T* dv_out = static_cast<T*>(in.dv) + (bh * S + n0) * D;
@@ -489,15 +499,43 @@ AIMV2_INLINE void dq_task(const Problem<T>& p, const Rows<T>& dout, const Backwa
   }
 }
 
+// The fused backward: dK, dV and dQ of one (b, h) in one pass over its key tiles. Per pair of tiles it runs
+// 5 products (S, dP, dV, dK, dQ) and one exp, against 7 and two for the split dK/dV + dQ passes, at the price of
+// an fp32 (S, Dp) dQ buffer per thread and of (b, h) tasks only.
+template <bool kAvx2, typename T>
+AIMV2_INLINE void fused_task(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
+                             KeyTileWork& w) {
+  const int64_t S = p.S, D = p.D, Dp = p.Dp;
+  if (w.kbuf.size() < static_cast<size_t>(kBwdBlockN * Dp)) w.kbuf.resize(kBwdBlockN * Dp);
+  if (w.dq.size() < static_cast<size_t>(S * Dp)) w.dq.resize(S * Dp);
+  fill(w.dq.data(), S * Dp, 0.f);
+  for (int64_t tile = 0; tile * kBwdBlockN < S; ++tile) dkdv_task<kAvx2, true>(p, dout, in, bh, tile, w);
+  T* dq_out = static_cast<T*>(in.dq) + bh * S * D;
+  const float* dq = w.dq.data();
+  for (int64_t i = 0; i < S; ++i) {
+    for (int64_t x = 0; x < D; ++x) dq_out[i * D + x] = static_cast<T>(dq[i * Dp + x] * p.scale);
+  }
+}
+
 template <typename T>
 AIMV2_AVX2 void dkdv_task_avx2(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
                                int64_t tile, KeyTileWork& w) {
-  dkdv_task<true>(p, dout, in, bh, tile, w);
+  dkdv_task<true, false>(p, dout, in, bh, tile, w);
 }
 template <typename T>
 void dkdv_task_generic(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh, int64_t tile,
                        KeyTileWork& w) {
-  dkdv_task<false>(p, dout, in, bh, tile, w);
+  dkdv_task<false, false>(p, dout, in, bh, tile, w);
+}
+template <typename T>
+AIMV2_AVX2 void fused_task_avx2(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
+                                KeyTileWork& w) {
+  fused_task<true>(p, dout, in, bh, w);
+}
+template <typename T>
+void fused_task_generic(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
+                        KeyTileWork& w) {
+  fused_task<false>(p, dout, in, bh, w);
 }
 template <typename T>
 AIMV2_AVX2 void dq_task_avx2(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
@@ -566,6 +604,15 @@ void run_tasks(int64_t n, int64_t D, int64_t Dp, const Body& body) {
 struct NoWork {
   NoWork(int64_t, int64_t) {}
 };
+
+// The fused backward (one task per (b, h)) when there are enough (b, h) to keep every thread busy, else the
+// split one (tasks per tile). AIMV2_CPU_ATTENTION_BACKWARD=fused or =split forces one (tests take both paths).
+bool use_fused_backward(int64_t heads) {
+  const char* force = std::getenv("AIMV2_CPU_ATTENTION_BACKWARD");
+  if (force != nullptr && std::strcmp(force, "fused") == 0) return true;
+  if (force != nullptr && std::strcmp(force, "split") == 0) return false;
+  return heads >= 4 * at::get_num_threads();
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Entry points: argument checks, layouts, dispatch
@@ -697,6 +744,18 @@ void prefix_attention_backward_out_cpu(const at::Tensor& grad_out_in, const at::
     const BackwardIn in{lse.const_data_ptr<float>(), delta_ptr, grad_q.mutable_data_ptr(),
                         grad_k.mutable_data_ptr(), grad_v.mutable_data_ptr()};
     const bool avx2 = use_avx2();
+    if (use_fused_backward(B * H)) {
+      // Heaviest (b, h) first: the cost grows with the prefix (S^2 + M^2 visible pairs, about).
+      std::vector<int64_t> order(B * H);
+      for (int64_t t = 0; t < B * H; ++t) order[t] = t;
+      std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+        return p.visible_prefix(x / H) > p.visible_prefix(y / H);
+      });
+      run_tasks<KeyTileWork>(B * H, D, p.Dp, [&](int64_t t, KeyTileWork& w) {
+        avx2 ? fused_task_avx2(p, dout, in, order[t], w) : fused_task_generic(p, dout, in, order[t], w);
+      });
+      return;
+    }
     const int64_t key_tiles = (S + kBwdBlockN - 1) / kBwdBlockN, query_tiles = (S + kBwdBlockM - 1) / kBwdBlockM;
     run_tasks<KeyTileWork>(B * H * key_tiles, D, p.Dp, [&](int64_t t, KeyTileWork& w) {
       const int64_t bh = t / key_tiles, tile = t % key_tiles;  // early (heavier) key tiles first

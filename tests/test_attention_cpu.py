@@ -95,18 +95,30 @@ def test_non_unit_head_dim_stride_and_odd_head_dim():
     _check(q, k, v, torch.tensor([7, 70]), label="transposed head dim, D = 24")
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_backward_paths(path, monkeypatch):
+    """Both backward schedules: fused (one task per (b, h), dQ in a per-thread buffer; the default when there
+    are at least 4 (b, h) per thread) and split (dK/dV per key tile, then dQ per query tile)."""
+    monkeypatch.setenv("AIMV2_CPU_ATTENTION_BACKWARD", path)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check(*_qkv(5, 1, 150, 40, dtype), random_prefix_lens(5, 150), label=f"{path} backward {dtype}")
+    _check(*_qkv(1, 2, 70, 64, torch.float16), None, label=f"{path} backward causal")
+
+
 def test_negative_scale():
     """The mask is applied after scaling, so a negative scale still masks (no -inf * negative = +inf)."""
     _check(*_qkv(3, 1, 80, 32, torch.float32), torch.tensor([0, 40, 80]), scale=-0.2, label="scale < 0")
 
 
-def test_never_visible_tiles_are_never_read():
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_never_visible_tiles_are_never_read(path, monkeypatch):
     """NaN in K/V rows at or past T, or in Q/dO rows before T, must not reach what cannot see them.
 
     With T the tile size and every prefix <= T: query rows < T see keys < T only, and keys >= T are seen
     by queries >= T only. A kernel that loaded (even masked off) a tile it does not need would turn
     0 * NaN into NaN. The poisoned rows themselves do come out NaN, which shows the poison is live.
     """
+    monkeypatch.setenv("AIMV2_CPU_ATTENTION_BACKWARD", path)
     t = TILE
     b, h, s, d = 2, 1, 2 * t + 8, 32
     q, k, v, do = (torch.randn(b, h, s, d) for _ in range(4))
