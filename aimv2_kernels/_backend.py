@@ -61,6 +61,8 @@ KERNELS: dict[tuple[str, str], Callable[[], Callable]] = {
     ("cross_entropy", "cuda"): _compiled_cross_entropy,
     ("linear_cross_entropy", "cpu"): _compiled_linear_cross_entropy,
     ("linear_cross_entropy", "cuda"): _compiled_linear_cross_entropy,
+    ("prefix_attention", "cpu"): _compiled_prefix_attention,
+    ("prefix_attention", "cuda"): _compiled_prefix_attention,
     ("patch_mse_loss", "triton"): _triton_patch_mse,
     ("prefix_attention", "triton"): _triton_prefix_attention,
     ("cross_entropy", "triton"): _triton_cross_entropy,

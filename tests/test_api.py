@@ -121,7 +121,8 @@ def test_explicit_unavailable_backend_raises(backend, monkeypatch):
         prefix_attention(*_qkv(), backend=backend)
 
 
-def test_cpu_backend_without_kernel_raises():
+def test_cpu_backend_without_kernel_raises(monkeypatch):
+    monkeypatch.delitem(K._backend.KERNELS, ("prefix_attention", "cpu"))
     with pytest.raises(BackendUnavailableError, match="cpu"):
         prefix_attention(*_qkv(), backend="cpu")
 
@@ -136,7 +137,7 @@ def test_float64_is_reference_only():
 def test_auto_rule_on_cpu():
     expected = "cpu" if K._backend.extension_available() else "reference"
     assert K._backend.resolve_backend("patch_mse_loss", "auto", torch.device("cpu")) == expected
-    assert K._backend.resolve_backend("prefix_attention", "auto", torch.device("cpu")) == "reference"
+    assert K._backend.resolve_backend("prefix_attention", "auto", torch.device("cpu")) == expected
     assert "reference" in K.available_backends("prefix_attention")
 
 
