@@ -6,13 +6,13 @@ import textwrap
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import aimv2_kernels
 from aimv2_kernels._backend import extension_available, load_extension
 from aimv2_kernels.reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
-from ce_cases import check as _check, run as _run, targets_with_ignored as _targets, upstream as _upstream
+from ce_cases import (
+    check as _check, check_compile_fullgraph, check_empty_inputs, check_never_holds_full_logits,
+    check_partial_requires_grad, run as _run, targets_with_ignored as _targets, upstream as _upstream)
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="aimv2_kernels._C is not built")
 
@@ -291,77 +291,18 @@ def test_linear_cross_entropy_large_logits(reduction):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_cross_entropy_partial_requires_grad(reduction):
-    """A frozen head (weight without grad) and a frozen trunk (hidden without grad) give the same grads."""
-    hidden = torch.randn(9, 32)
-    weight = torch.randn(50, 32)
-    targets = _targets((9,), 50, -100)
-    up = _upstream((9,), reduction)
-    full = _run(_lce(4), [hidden, weight], [targets], up, reduction=reduction)
-    for frozen in (0, 1):
-        xs = [hidden.clone().requires_grad_(frozen != 0), weight.clone().requires_grad_(frozen != 1)]
-        loss = linear_cross_entropy_cpu(*xs, targets, reduction=reduction, chunk_size=4)
-        (loss * up).sum().backward()
-        assert xs[frozen].grad is None
-        torch.testing.assert_close(xs[1 - frozen].grad, full[2 - frozen], rtol=0, atol=0)
-    with torch.no_grad():
-        value = linear_cross_entropy_cpu(hidden, weight, targets, reduction=reduction, chunk_size=4)
-    torch.testing.assert_close(value, full[0], rtol=0, atol=0)
-
-
-class _RecordShapes(TorchDispatchMode):
-    """Records the shape of every tensor produced by an aten op, including those inside our custom ops."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch._library.custom_ops import OPDEFS
-
-        name = func._schema.name
-        if name in OPDEFS:  # a Python custom op: run its body under this mode, to see its allocations
-            with self:
-                out = OPDEFS[name]._init_fn(*args, **(kwargs or {}))
-        else:
-            out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(x.shape) for x in tree_leaves(out) if isinstance(x, torch.Tensor)]
-        return out
+    check_partial_requires_grad(linear_cross_entropy_cpu, "cpu", reduction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_cross_entropy_never_holds_full_logits(reduction, dtype):
-    """No tensor of N x V elements exists, forward or backward; the (chunk, V) buffer does. (fp32 computes the
-    gradients in the forward, bf16 recomputes them in the backward.)"""
-    n, d, v, chunk = 40, 32, 50, 8  # N*V = 2000 > V*D = 1600
-    hidden = torch.randn(n, d, dtype=dtype, requires_grad=True)
-    weight = torch.randn(v, d, dtype=dtype, requires_grad=True)
-    bias = torch.randn(v, dtype=dtype, requires_grad=True)
-    targets = _targets((n,), v, -100)
-    for fn, kw in ((linear_cross_entropy_cpu, dict(chunk_size=chunk)), (linear_cross_entropy_reference, {})):
-        mode = _RecordShapes()
-        with mode:
-            fn(hidden, weight, targets, bias=bias, reduction=reduction, **kw).sum().backward()
-        largest = max(torch.Size(s).numel() for s in mode.shapes)
-        if fn is linear_cross_entropy_reference:
-            assert largest >= n * v  # the recorder sees the reference's full logits
-        else:
-            assert largest < n * v, max(mode.shapes, key=lambda s: torch.Size(s).numel())
-            assert (chunk, v) in mode.shapes
+    """Neither fp32 (gradients computed in the forward) nor bf16 (recomputed in the backward) holds N x V."""
+    check_never_holds_full_logits(linear_cross_entropy_cpu, "cpu", reduction, dtype)
 
 
 def test_empty_inputs():
-    """Zero tokens: "mean" and "sum" give 0, "none" an empty loss, and zero gradients."""
-    logits = torch.randn(0, 50, requires_grad=True)
-    hidden = torch.randn(0, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    targets = torch.zeros(0, dtype=torch.long)
-    for reduction in REDUCTIONS:
-        a = cross_entropy_cpu(logits, targets, reduction=reduction)
-        b = linear_cross_entropy_cpu(hidden, weight, targets, reduction=reduction)
-        assert a.shape == b.shape == ((0,) if reduction == "none" else ())
-        (a.sum() + b.sum()).backward()
-        assert (a == 0).all() and (b == 0).all() and (weight.grad == 0).all()
+    check_empty_inputs(cross_entropy_cpu, linear_cross_entropy_cpu, "cpu")
 
 
 def test_chunk_rows_default():
@@ -399,21 +340,6 @@ def test_opcheck_linear_cross_entropy():
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_fullgraph(reduction):
-    """Both ops under torch.compile(fullgraph=True), forward and backward, match eager."""
-    torch._dynamo.reset()
-    hidden = torch.randn(2, 5, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    targets = _targets((2, 5), 50, -100)
+    check_compile_fullgraph(cross_entropy_cpu, linear_cross_entropy_cpu, "cpu", reduction)
 
-    def model(h, w):
-        logits = h @ w.t()
-        a = cross_entropy_cpu(logits, targets, label_smoothing=0.1, z_loss=1e-3, reduction=reduction)
-        b = linear_cross_entropy_cpu(h, w, targets, label_smoothing=0.1, z_loss=1e-3, reduction=reduction,
-                                     chunk_size=4)
-        return (a * 2 + b).sum()
 
-    eager = torch.autograd.grad(model(hidden, weight), (hidden, weight))
-    compiled = torch.compile(model, fullgraph=True)
-    got = torch.autograd.grad(compiled(hidden, weight), (hidden, weight))
-    for g, e in zip(got, eager):
-        torch.testing.assert_close(g, e)

@@ -1,12 +1,12 @@
 """Triton cross_entropy and linear_cross_entropy against the reference, within the float64 error budget."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import aimv2_kernels
 from aimv2_kernels.reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
-from ce_cases import check as _check, run as _run, targets_with_ignored as _targets, upstream as _upstream
+from ce_cases import (
+    check as _check, check_compile_fullgraph, check_empty_inputs, check_never_holds_full_logits,
+    check_partial_requires_grad, run as _run, targets_with_ignored as _targets, upstream as _upstream)
 
 import triton  # noqa: E402,F401  (a test dependency: a missing triton must fail, not skip)
 from aimv2_kernels.triton import linear_cross_entropy as lce_module  # noqa: E402
@@ -149,75 +149,16 @@ def test_linear_cross_entropy_all_ignored(device, reduction):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_cross_entropy_partial_requires_grad(device, reduction):
-    """A frozen head (weight without grad) and a frozen trunk (hidden without grad) give the same grads."""
-    hidden = torch.randn(9, 32, device=device)
-    weight = torch.randn(50, 32, device=device)
-    targets = _targets((9,), 50, -100, device)
-    up = _upstream((9,), reduction, device)
-    full = _run(_lce(4), [hidden, weight], [targets], up, reduction=reduction)
-    for frozen in (0, 1):
-        xs = [hidden.clone().requires_grad_(frozen != 0), weight.clone().requires_grad_(frozen != 1)]
-        loss = linear_cross_entropy_triton(*xs, targets, reduction=reduction, chunk_size=4)
-        (loss * up).sum().backward()
-        assert xs[frozen].grad is None
-        torch.testing.assert_close(xs[1 - frozen].grad, full[2 - frozen], rtol=0, atol=0)
-    with torch.no_grad():
-        value = linear_cross_entropy_triton(hidden, weight, targets, reduction=reduction, chunk_size=4)
-    torch.testing.assert_close(value, full[0], rtol=0, atol=0)
-
-
-class _RecordShapes(TorchDispatchMode):
-    """Records the shape of every tensor produced by an aten op, including those inside our custom ops."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch._library.custom_ops import OPDEFS
-
-        name = func._schema.name
-        if name.startswith("aimv2::"):
-            with self:  # run the op's Python body under this mode, to see its allocations
-                out = OPDEFS[name]._init_fn(*args, **(kwargs or {}))
-        else:
-            out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(x.shape) for x in tree_leaves(out) if isinstance(x, torch.Tensor)]
-        return out
+    check_partial_requires_grad(linear_cross_entropy_triton, device, reduction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_cross_entropy_never_holds_full_logits(device, reduction):
-    """No tensor of N x V elements exists, forward or backward; the (chunk, V) buffer does."""
-    n, d, v, chunk = 40, 32, 50, 8  # N*V = 2000 > V*D = 1600
-    hidden = torch.randn(n, d, device=device, requires_grad=True)
-    weight = torch.randn(v, d, device=device, requires_grad=True)
-    bias = torch.randn(v, device=device, requires_grad=True)
-    targets = _targets((n,), v, -100, device)
-    for fn, kw in ((linear_cross_entropy_triton, dict(chunk_size=chunk)), (linear_cross_entropy_reference, {})):
-        mode = _RecordShapes()
-        with mode:
-            fn(hidden, weight, targets, bias=bias, reduction=reduction, **kw).sum().backward()
-        largest = max(torch.Size(s).numel() for s in mode.shapes)
-        if fn is linear_cross_entropy_reference:
-            assert largest >= n * v  # the recorder sees the reference's full logits
-        else:
-            assert largest < n * v, max(mode.shapes, key=lambda s: torch.Size(s).numel())
-            assert (chunk, v) in mode.shapes
+    check_never_holds_full_logits(linear_cross_entropy_triton, device, reduction)
 
 
 def test_empty_inputs(device):
-    """Zero tokens: no launch, "mean" and "sum" give 0, "none" an empty loss, and zero gradients."""
-    logits = torch.randn(0, 50, device=device, requires_grad=True)
-    hidden = torch.randn(0, 16, device=device, requires_grad=True)
-    weight = torch.randn(50, 16, device=device, requires_grad=True)
-    targets = torch.zeros(0, dtype=torch.long, device=device)
-    for reduction in REDUCTIONS:
-        a = cross_entropy_triton(logits, targets, reduction=reduction)
-        b = linear_cross_entropy_triton(hidden, weight, targets, reduction=reduction)
-        assert a.shape == b.shape == ((0,) if reduction == "none" else ())
-        (a.sum() + b.sum()).backward()
-        assert (a == 0).all() and (b == 0).all() and (weight.grad == 0).all()
+    check_empty_inputs(cross_entropy_triton, linear_cross_entropy_triton, device)
 
 
 def test_autotune_pruning():
@@ -267,21 +208,6 @@ def test_opcheck_linear_cross_entropy(device):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_fullgraph(device, reduction):
-    """Both ops under torch.compile(fullgraph=True), forward and backward, match eager."""
-    torch._dynamo.reset()
-    hidden = torch.randn(2, 5, 16, device=device, requires_grad=True)
-    weight = torch.randn(50, 16, device=device, requires_grad=True)
-    targets = _targets((2, 5), 50, -100, device)
+    check_compile_fullgraph(cross_entropy_triton, linear_cross_entropy_triton, device, reduction)
 
-    def model(h, w):
-        logits = h @ w.t()
-        a = cross_entropy_triton(logits, targets, label_smoothing=0.1, z_loss=1e-3, reduction=reduction)
-        b = linear_cross_entropy_triton(h, w, targets, label_smoothing=0.1, z_loss=1e-3, reduction=reduction,
-                                        chunk_size=4)
-        return (a * 2 + b).sum()
 
-    eager = torch.autograd.grad(model(hidden, weight), (hidden, weight))
-    compiled = torch.compile(model, fullgraph=True)
-    got = torch.autograd.grad(compiled(hidden, weight), (hidden, weight))
-    for g, e in zip(got, eager):
-        torch.testing.assert_close(g, e)
