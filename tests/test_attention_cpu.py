@@ -13,8 +13,10 @@ import torch
 from aimv2_kernels import prefix_attention
 from aimv2_kernels._backend import extension_available
 from aimv2_kernels.reference.attention import prefix_attention_reference
-from aimv2_kernels.testing import (FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens,
-                                   single_key_floor)
+from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens
+
+from attention_cases import (  # noqa: E402
+    check_backend, check_never_visible_tiles_are_never_read, leaves64 as _leaves64, qkv as _qkv, run as _run)
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="aimv2_kernels._C is not built")
 
@@ -23,39 +25,13 @@ if extension_available():
     from aimv2_kernels.compiled.attention import backward_op, forward_op
 
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
 TILE = 64  # the kernels' largest tile (kBlockM, kBlockN, kBwdBlockM, kBwdBlockN in csrc/attention_cpu.cpp)
 
 
-def _qkv(b, h, s, d, dtype):
-    """Fresh random leaves drawn in ``dtype`` (every path sees identical values)."""
-    return [torch.randn(b, h, s, d, dtype=dtype).requires_grad_() for _ in range(3)]
-
-
-def _run(fn, q, k, v, do, lens, **kw):
-    """``(out, dq, dk, dv)`` of ``fn`` on ``q, k, v`` (leaves or views of leaves)."""
-    out = fn(q, k, v, lens, **kw)
-    return (out, *torch.autograd.grad(out, (q, k, v), do))
-
-
-def _leaves64(*tensors):
-    return [t.detach().double().requires_grad_() for t in tensors]
-
-
-def _check(q, k, v, lens, *, causal=True, scale=None, label=""):
-    """CPU kernels vs the same-dtype reference vs the float64 oracle, forward and the three gradients."""
-    do = torch.randn_like(q)
-    ours = _run(prefix_attention, q, k, v, do, lens, causal=causal, scale=scale, backend="cpu")
-    ref = _run(prefix_attention_reference, q, k, v, do, lens, causal=causal, scale=scale)
-    oracle = _run(prefix_attention_reference, *_leaves64(q, k, v), do.double(), lens, causal=causal, scale=scale)
-    floor = single_key_floor(q, k, v, do) if q.shape[2] == 1 and scale is None else None
-    assert ours[0].shape == q.shape
-    for name, a, r, o in zip(("out", "dq", "dk", "dv"), ours, ref, oracle):
-        assert a.dtype == q.dtype
-        if name == "out":
-            assert_within_budget(a, r, o, k=FORWARD_K, name=f"{name} {label}")
-        else:
-            assert_within_budget(a, r, o, k=GRADIENT_K, floor=floor if name in ("dq", "dk") else None,
-                                 name=f"{name} {label}")
+def _check(q, k, v, lens, **kw):
+    """The cpu backend vs the same-dtype reference vs the float64 oracle (see attention_cases)."""
+    check_backend("cpu", q, k, v, lens, **kw)
 
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES)
@@ -112,38 +88,8 @@ def test_negative_scale():
 
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_never_visible_tiles_are_never_read(path, monkeypatch):
-    """NaN in K/V rows at or past T, or in Q/dO rows before T, must not reach what cannot see them.
-
-    With T the tile size and every prefix <= T: query rows < T see keys < T only, and keys >= T are seen
-    by queries >= T only. A kernel that loaded (even masked off) a tile it does not need would turn
-    0 * NaN into NaN. The poisoned rows themselves do come out NaN, which shows the poison is live.
-    """
     monkeypatch.setenv("AIMV2_CPU_ATTENTION_BACKWARD", path)
-    t = TILE
-    b, h, s, d = 2, 1, 2 * t + 8, 32
-    q, k, v, do = (torch.randn(b, h, s, d) for _ in range(4))
-    lens = torch.tensor([t, t // 2 + 1])
-    kw = dict(causal=True, scale=d ** -0.5)
-    ref = _run(prefix_attention_reference, *(x.clone().requires_grad_() for x in (q, k, v)), do, lens, **kw)
-    oracle = _run(prefix_attention_reference, *_leaves64(q, k, v), do.double(), lens, **kw)
-
-    k_bad, v_bad = k.clone(), v.clone()
-    k_bad[:, :, t:], v_bad[:, :, t:] = float("nan"), float("nan")
-    out, lse = cpu_attention.attention_forward(q, k_bad, v_bad, lens, **kw)
-    dq = cpu_attention.attention_backward(do, q, k_bad, v_bad, out, lse, lens, **kw)[0]
-    assert out[:, :, t:].isnan().all()
-    assert_within_budget(out[:, :, :t], ref[0][:, :, :t], oracle[0][:, :, :t], name="out, keys >= T poisoned")
-    assert_within_budget(dq[:, :, :t], ref[1][:, :, :t], oracle[1][:, :, :t], k=GRADIENT_K,
-                         name="dq, keys >= T poisoned")
-
-    q_bad, do_bad = q.clone(), do.clone()
-    q_bad[:, :, :t], do_bad[:, :, :t] = float("nan"), float("nan")
-    out, lse = cpu_attention.attention_forward(q_bad, k, v, lens, **kw)
-    _, dk, dv = cpu_attention.attention_backward(do_bad, q_bad, k, v, out, lse, lens, **kw)
-    assert out[:, :, :t].isnan().all() and dk[:, :, :t].isnan().all()
-    for name, ours, i in (("dk", dk, 2), ("dv", dv, 3)):
-        assert_within_budget(ours[:, :, t:], ref[i][:, :, t:], oracle[i][:, :, t:], k=GRADIENT_K,
-                             name=f"{name}, queries < T poisoned")
+    check_never_visible_tiles_are_never_read(cpu_attention.attention_forward, cpu_attention.attention_backward, TILE, "cpu")
 
 
 _BASELINE_SCRIPT = """
