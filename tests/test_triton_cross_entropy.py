@@ -211,3 +211,18 @@ def test_compile_fullgraph(device, reduction):
     check_compile_fullgraph(cross_entropy_triton, linear_cross_entropy_triton, device, reduction)
 
 
+
+
+def test_out_of_range_target_without_value_checks_gives_nan(device, monkeypatch):
+    """With AIMV2_CHECK_VALUES=0 a bad target is not caught on the host: its row must come out NaN (loss and
+    gradient), never silently wrong, and the other rows must be unaffected."""
+    monkeypatch.setenv("AIMV2_CHECK_VALUES", "0")
+    logits = torch.randn(4, 50, device=device, requires_grad=True)
+    targets = torch.tensor([3, 50, -1, 7], device=device)
+    loss = aimv2_kernels.cross_entropy(logits, targets, reduction="none", backend="triton")
+    loss.sum().backward()
+    assert loss[1:3].isnan().all() and logits.grad[1:3].isnan().all()
+    good = [0, 3]
+    ref = torch.nn.functional.cross_entropy(logits.detach()[good], targets[good], reduction="none")
+    torch.testing.assert_close(loss.detach()[good], ref)
+    assert torch.isfinite(logits.grad[good]).all()

@@ -70,6 +70,10 @@ def _ce_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row).to(tl.int64)
     counted = target != ignore_index
+    # A counted target outside [0, V) (only possible with the value checks off) is never read: its row's loss
+    # and gradient come out NaN instead of a silently wrong value.
+    in_range = counted & (target >= 0) & (target < V)
+    bad = counted & ~in_range
     x_row = logits_ptr + row * stride_logits
     cols = tl.arange(0, BLOCK_V)
 
@@ -93,8 +97,8 @@ def _ce_rows_kernel(
             tl.store(lse_ptr + row, lse)
 
     if STORE_LOSS:
-        in_range = counted & (target >= 0) & (target < V)
         x_t = tl.load(x_row + target, mask=in_range, other=0.0).to(tl.float32)
+        x_t = tl.where(bad, float("nan"), x_t)
         loss = lse - (1.0 - label_smoothing) * x_t
         if HAS_SMOOTHING:
             loss -= label_smoothing * (sum_x / V)
@@ -109,6 +113,7 @@ def _ce_rows_kernel(
         else:
             scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
         scale = tl.where(counted, scale, 0.0)
+        scale = tl.where(bad, float("nan"), scale)
         p_coef = (1.0 + 2.0 * z_loss * lse) * scale
         t_coef = (1.0 - label_smoothing) * scale
         u_coef = (label_smoothing / V) * scale
