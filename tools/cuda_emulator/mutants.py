@@ -1,4 +1,4 @@
-"""Sanity check of the emulator itself: deliberately broken copies of the kernel must fail test_attn.py.
+"""Sanity check of the emulator itself: deliberately broken copies of the kernel must fail run_cases.py.
 
     python tools/cuda_emulator/mutants.py [NAME ...]   (after build.py)
 
@@ -56,7 +56,7 @@ def main():
                         "-Wno-unknown-pragmas", str(path), "-o", str(lib)], check=True)
         caught = False
         for case in CASES:
-            r = subprocess.run([PY, str(HERE / "test_attn.py"), "--lib", str(lib), "--only", f"bf16 {case}"],
+            r = subprocess.run([PY, str(HERE / "run_cases.py"), "--lib", str(lib), "--only", f"bf16 {case}"],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 caught = True

@@ -1,6 +1,6 @@
 """Run the emulated CUDA prefix-attention kernels (libemu_attn.so, see build.py) against the PyTorch reference.
 
-    python tools/cuda_emulator/test_attn.py [--quick] [--only SUBSTRING] [--lib PATH]   (after build.py)
+    python tools/cuda_emulator/run_cases.py [--quick] [--only SUBSTRING] [--lib PATH]   (after build.py)
 
 Every case: forward (out, lse) and backward (dq, dk, dv) of the kernels, outputs poisoned with NaN before the
 launch, compared with aimv2_kernels.testing.assert_within_budget (k = 2 forward, 3 gradients) against the
