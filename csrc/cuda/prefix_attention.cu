@@ -684,9 +684,12 @@ __global__ void __launch_bounds__(kThreads) prefix_attention_dq_kernel(const Par
 // Launchers
 
 constexpr int kFwdBM = 64, kFwdBN = 64;
-constexpr int kDqBM = 64, kDqBN = 64;
+constexpr int kDqBM = 64;
 constexpr int kDkdvBN = 64;
 template <int D> constexpr int dkdv_bm() { return D == 64 ? 64 : 32; }
+// D = 128 dQ with 64-key tiles would need 104,448 bytes of shared memory, over the 101,376-byte opt-in limit of
+// sm_86/sm_89; 32-key tiles need 69,632. Every kernel then fits every sm_80+ GPU.
+template <int D> constexpr int dq_bn() { return D == 64 ? 64 : 32; }
 
 template <class Kernel>
 const char* launch(Kernel kernel, dim3 grid, int smem, cudaStream_t stream, const Params& p) {
@@ -717,8 +720,9 @@ const char* backward_typed(const Params& p, int BH, int64_t o_sb, int64_t o_sh, 
   const char* err = launch(prefix_attention_dkdv_kernel<T, D, BM, kDkdvBN>, dim3(BH, attn::cdiv(p.S, kDkdvBN)),
                            smem_dkdv, stream, p);
   if (err != nullptr) return err;
-  const int smem_dq = (2 * kDqBM + 4 * kDqBN) * LD * static_cast<int>(sizeof(T));
-  return launch(prefix_attention_dq_kernel<T, D, kDqBM, kDqBN>, dim3(BH, attn::cdiv(p.S, kDqBM)), smem_dq, stream,
+  constexpr int DqBN = dq_bn<D>();
+  const int smem_dq = (2 * kDqBM + 4 * DqBN) * LD * static_cast<int>(sizeof(T));
+  return launch(prefix_attention_dq_kernel<T, D, kDqBM, DqBN>, dim3(BH, attn::cdiv(p.S, kDqBM)), smem_dq, stream,
                 p);
 }
 

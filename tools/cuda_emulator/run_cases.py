@@ -195,8 +195,13 @@ def main():
     ap.add_argument("--lib", default=str(OUT_DIR / "libemu_attn.so"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=None)
+    ap.add_argument("--smem-limit", type=int, default=None,
+                    help="the device's opt-in shared memory per block in bytes (default 227 KB, sm_90; "
+                         "101376 for sm_86/sm_89, 166912 for sm_80)")
     args = ap.parse_args()
     load(args.lib)
+    if args.smem_limit is not None:
+        lib.emu_set_smem_limit(ctypes.c_long(args.smem_limit))
     torch.set_num_threads(1)
     ok = True
     for name, kw in cases(args.quick):
