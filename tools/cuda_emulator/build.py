@@ -1,10 +1,17 @@
-"""Build libemu_attn.so: csrc/cuda/prefix_attention.cu compiled by g++ for the CPU emulator in emu_attn.h.
+"""Build the CPU-emulated CUDA kernels: csrc/cuda/*.cu compiled by g++ against the emulator in emu.h.
 
-The kernel source is copied and only its PTX wrappers are rewritten (bodies of exp2_approx, mma16816, the
-ldmatrix part of load_b_trans, cp_async16 / commit / wait), plus the mechanical CUDA -> C++ rewrites
-(extern __shared__, <<<>>> launches, uint4 accesses get an alignment check). The kernel logic is untouched.
+One library per kernel file, in build/cuda_emulator/:
+  attention      prefix_attention.cu -> libemu_attn.so           (run_cases.py, mutants.py)
+  patch_mse      patch_mse.cu        -> libemu_patch_mse.so      (run_patch_mse.py)
+  cross_entropy  cross_entropy.cu    -> libemu_cross_entropy.so  (run_cross_entropy.py)
 
-    python tools/cuda_emulator/build.py [--asan | --tsan | --fp32-mma] [--out PATH]   (from the repository root)
+The kernel sources are copied and only rewritten where CUDA syntax has no C++ meaning: the bodies of the
+attention kernel's PTX wrappers (exp2_approx, mma16816, the ldmatrix part of load_b_trans, cp_async16 / commit /
+wait), extern __shared__ arrays, <<<>>> launches, and uint4 accesses (which get an alignment check), also in
+common.cuh (load16 / store16), of which an emulator copy is generated. The kernel logic is untouched.
+
+    python tools/cuda_emulator/build.py [--kernel attention|patch_mse|cross_entropy|all] [--asan | --tsan |
+        --fp32-mma] [--out PATH (one kernel only)]   (from the repository root)
 """
 import argparse
 import pathlib
@@ -35,8 +42,33 @@ def replace_body(src: str, signature_regex: str, new_body: str) -> str:
     return src[:body] + "{\n" + new_body + "\n}" + src[end:]
 
 
+def emulate_common(src: str) -> str:
+    """common.cuh with its 16-byte accesses (load16 / store16) alignment-checked."""
+    src, n = re.subn(r"\*reinterpret_cast<(const uint4|uint4)\*>\(", r"*emu::check16<\1>(", src)
+    assert n == 2, f"common.cuh: {n} uint4 accesses, expected 2"
+    return src
+
+
+def include_emulator(src: str) -> str:
+    assert src.count('#include "common.cuh"') == 1
+    return src.replace('#include "common.cuh"', '#include "emu.h"\n#include "common_emu.cuh"')
+
+
+def emulate_rows(src: str, n_vec: int, n_launch: int) -> str:
+    """patch_mse.cu / cross_entropy.cu: no inline asm, only the mechanical rewrites."""
+    src = include_emulator(src)
+    assert "asm" not in re.sub(r"//.*", "", src), "inline asm: needs an emulated wrapper"
+    src = re.sub(r"extern __shared__ float (\w+)\[\];", r"float* \1 = emu::smem<float>();", src)
+    assert "extern __shared__" not in src, "extern __shared__ of another form"
+    src, n = re.subn(r"\*reinterpret_cast<(const uint4|uint4)\*>\(", r"*emu::check16<\1>(", src)
+    assert n == n_vec, f"{n} uint4 accesses, expected {n_vec}"
+    src, n = re.subn(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(([^;]*)\);", r"emu::launch(\1, \2, \3);", src)
+    assert n == n_launch, f"{n} launches, expected {n_launch}"
+    return src
+
+
 def emulate(src: str, cuda_dir: pathlib.Path) -> str:
-    src = src.replace('#include "common.cuh"', f'#include "emu_attn.h"\n#include "{cuda_dir}/common.cuh"')
+    src = include_emulator(src)
     src = src.replace('#include "prefix_attention.cuh"', f'#include "{cuda_dir}/prefix_attention.cuh"')
     # PTX wrappers -> emulated warp-collective / synchronous versions.
     src = replace_body(src, r"float exp2_approx\(float x\)", "  return emu::ex2_approx_ftz(x);")
@@ -62,7 +94,7 @@ def emulate(src: str, cuda_dir: pathlib.Path) -> str:
     return src
 
 
-WRAP = r"""
+WRAP_ATTN = r"""
 // C entry points for ctypes (same arguments as the launchers).
 extern "C" {
 const char* emu_forward(int dtype, int B, int H, int S, int D, const void* q, int64_t q_sb, int64_t q_sh,
@@ -89,39 +121,100 @@ void emu_set_smem_limit(long bytes) { emu::smem_limit = static_cast<size_t>(byte
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repo", default=str(REPO))
-    ap.add_argument("--asan", action="store_true", help="AddressSanitizer + UBSan (out-of-bounds global reads)")
-    ap.add_argument("--tsan", action="store_true", help="ThreadSanitizer (shared-memory races between threads "
-                    "not ordered by __syncthreads / warp collectives)")
-    ap.add_argument("--opt", default="-O2")
-    ap.add_argument("--fp32-mma", action="store_true", help="sum mma products in fp32 one at a time")
-    ap.add_argument("--out", default=str(OUT_DIR / "libemu_attn.so"))
-    args = ap.parse_args()
-    cuda_dir = pathlib.Path(args.repo) / "csrc" / "cuda"
-    src = emulate((cuda_dir / "prefix_attention.cu").read_text(), cuda_dir)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    gen = OUT_DIR / "prefix_attention_emu.cpp"
-    gen.write_text(src + WRAP)
-    cuda_inc = "/usr/local/cuda/include"
+WRAP_PATCH_MSE = r"""
+// C entry points for ctypes (same arguments as the launcher).
+extern "C" {
+const char* emu_patch_mse(int dtype, const void* pred, const int64_t* psz, const int64_t* ps, const void* images,
+                          const int64_t* isz, const int64_t* is, int64_t patch_size, int64_t target_offset,
+                          const int64_t* prefix, float eps, const float* grad_rows, float* rows, void* grad) {
+  return aimv2::patch_mse_rows_cuda(dtype, pred, psz, ps, images, isz, is, patch_size, target_offset, prefix, eps,
+                                    grad_rows, rows, grad, nullptr);
+}
+// The launcher's plan (which load paths the kernel takes): out = {image_vec, pred_vec, G, nseg}.
+void emu_patch_mse_plan(uintptr_t images, const int64_t* isz, const int64_t* is, uintptr_t pred, const int64_t* psz,
+                        const int64_t* ps, uintptr_t grad, int64_t p, int64_t elem, int64_t* out) {
+  const auto pl = aimv2::patch_mse::make_plan(images, isz, is, pred, psz, ps, grad, p, elem);
+  out[0] = pl.image_vec;
+  out[1] = pl.pred_vec;
+  out[2] = pl.G;
+  out[3] = pl.nseg;
+}
+long emu_launches() { return emu::launches; }
+}
+"""
+
+WRAP_CROSS_ENTROPY = r"""
+// C entry point for ctypes (same arguments as the launcher).
+extern "C" {
+const char* emu_cross_entropy(int dtype, const void* logits, int64_t n, int64_t V, int64_t x_stride, void* grad,
+                              int64_t grad_stride, const int64_t* targets, int64_t ignore_index, float smoothing,
+                              float z_loss, const float* scale, int per_row_scale, const double* saved_lse,
+                              float* loss, double* lse) {
+  return aimv2::cross_entropy_rows_cuda(dtype, logits, n, V, x_stride, grad, grad_stride, targets, ignore_index,
+                                        smoothing, z_loss, scale, per_row_scale != 0, saved_lse, loss, lse, nullptr);
+}
+long emu_launches() { return emu::launches; }
+}
+"""
+
+# kernel -> (source file, library, generated source, emulate(src), entry points)
+KERNELS = {
+    "attention": ("prefix_attention.cu", "libemu_attn.so", "prefix_attention_emu.cpp", None, WRAP_ATTN),
+    "patch_mse": ("patch_mse.cu", "libemu_patch_mse.so", "patch_mse_emu.cpp",
+                  lambda s: emulate_rows(s, n_vec=0, n_launch=4), WRAP_PATCH_MSE),
+    "cross_entropy": ("cross_entropy.cu", "libemu_cross_entropy.so", "cross_entropy_emu.cpp",
+                      lambda s: emulate_rows(s, n_vec=2, n_launch=1), WRAP_CROSS_ENTROPY),
+}
+
+
+def cuda_include() -> str:
     for cand in ["/usr/local/cuda/include", "/usr/local/cuda-13.0/include", "/usr/local/cuda/targets/x86_64-linux/include"]:
         if pathlib.Path(cand, "cuda_runtime.h").exists():
-            cuda_inc = cand
-            break
+            return cand
+    return "/usr/local/cuda/include"
+
+
+def build(kernel: str, cuda_dir: pathlib.Path, out: str, args) -> None:
+    src_name, _, gen_name, fn, wrap = KERNELS[kernel]
+    src = (cuda_dir / src_name).read_text()
+    src = emulate(src, cuda_dir) if fn is None else fn(src)
+    gen = OUT_DIR / gen_name
+    gen.write_text(src + wrap)
     # -fno-strict-aliasing: the kernels type-pun through reinterpret_cast (uint4 -> T*, __nv_bfloat162 -> uint32_t),
     # which nvcc compiles as intended but g++ -O2 may break (it did: delta came out NaN/0).
-    cmd = ["g++", "-std=c++20", args.opt, "-g", "-fPIC", "-shared", "-pthread", f"-I{HERE}", f"-I{cuda_inc}",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "-D__CUDA_NO_HALF2_OPERATORS__", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-Wno-attributes", str(gen), "-o", args.out]
+    cmd = ["g++", "-std=c++20", args.opt, "-g", "-fPIC", "-shared", "-pthread", f"-I{HERE}", f"-I{OUT_DIR}",
+           f"-I{cuda_include()}", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "-fno-strict-aliasing",
+           "-Wno-unknown-pragmas", "-Wno-attributes", str(gen), "-o", out]
     if args.asan:
         cmd[1:1] = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     if args.fp32_mma:
         cmd.insert(1, "-DEMU_MMA_FP32_SEQUENTIAL")
     if args.tsan:
         cmd[1:1] = ["-fsanitize=thread", "-fno-omit-frame-pointer"]
-    print(" ".join(cmd))
+    print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", choices=[*KERNELS, "all"], default="all")
+    ap.add_argument("--repo", default=str(REPO))
+    ap.add_argument("--asan", action="store_true", help="AddressSanitizer + UBSan (out-of-bounds global reads)")
+    ap.add_argument("--tsan", action="store_true", help="ThreadSanitizer (shared-memory races between threads "
+                    "not ordered by __syncthreads / warp collectives)")
+    ap.add_argument("--opt", default="-O2")
+    ap.add_argument("--fp32-mma", action="store_true", help="attention: sum mma products in fp32 one at a time")
+    ap.add_argument("--out", help="output library (with one --kernel; default build/cuda_emulator/<library>)")
+    args = ap.parse_args()
+    kernels = list(KERNELS) if args.kernel == "all" else [args.kernel]
+    if args.out and len(kernels) != 1:
+        ap.error("--out needs one --kernel")
+    cuda_dir = pathlib.Path(args.repo) / "csrc" / "cuda"
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "common_emu.cuh").write_text(emulate_common((cuda_dir / "common.cuh").read_text()))
+    for kernel in kernels:
+        build(kernel, cuda_dir, args.out or str(OUT_DIR / KERNELS[kernel][1]), args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-// emu_attn.h: CPU emulation of the CUDA features used by csrc/cuda/prefix_attention.cu.
+// emu.h: CPU emulation of the CUDA features used by csrc/cuda/prefix_attention.cu, patch_mse.cu and
+// cross_entropy.cu.
 //
 // Execution model: every CUDA thread of a block is one std::thread; blocks run one after another (grid in
 // x-major order). __syncthreads is a std::barrier over the block; every warp has its own std::barrier, used by
@@ -16,7 +17,9 @@
 //   ex2.approx.ftz.f32                               exp2f (ftz: denormal results flushed to +0)
 // Checks: 16-byte alignment of cp.async / uint4 / ldmatrix row addresses, shared addresses inside the dynamic
 // shared memory of the launch, dynamic smem <= the opt-in attribute and <= the device limit, full shuffle
-// masks. Dynamic shared memory is poisoned with NaN at the start of every block.
+// masks. Dynamic shared memory is poisoned with NaN at the start of every block. Static __shared__ arrays
+// become function-local statics: one copy shared by the threads of the running block (blocks run one after
+// another), not poisoned between blocks.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -167,6 +170,7 @@ inline float ex2_approx_ftz(float x) {
 inline int to_int(int d) { return d; }
 inline dim3 to_dim3(dim3 d) { return d; }
 inline dim3 to_dim3(int d) { return dim3(d); }
+inline dim3 to_dim3(unsigned d) { return dim3(d); }
 
 template <class K, class G, class B, class... A>
 void launch(K kernel, G grid_arg, B block_arg, size_t smem_bytes, cudaStream_t, const A&... args) {
@@ -217,6 +221,8 @@ void launch(K kernel, G grid_arg, B block_arg, size_t smem_bytes, cudaStream_t, 
 #define blockDim emu::bdim
 #define gridDim emu::gdim
 #define __launch_bounds__(...)
+#undef __shared__
+#define __shared__ static  // static __shared__ arrays (extern ones are rewritten by build.py)
 
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
@@ -235,6 +241,7 @@ template <class T> T __shfl_xor_sync(unsigned mask, T v, int o) {
 }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 
 // Runtime API stubs (the library is not linked against cudart).
 extern "C" cudaError_t cudaGetLastError() { return cudaSuccess; }
