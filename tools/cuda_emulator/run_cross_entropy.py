@@ -31,7 +31,10 @@ import torch
 
 import aimv2_kernels._C  # noqa: F401  (registers the CPU ops)
 from aimv2_kernels.reference.cross_entropy import cross_entropy_reference
-from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, error_budget, max_abs_err
+from aimv2_kernels.testing import FORWARD_K, GRADIENT_K
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from compare import budget, ptr, ulps  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT_DIR = HERE.parents[1] / "build" / "cuda_emulator"
@@ -39,10 +42,6 @@ CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 GRAD_ULPS = {torch.bfloat16: 1.0, torch.float16: 1.0}  # fp32: reported only
 IGNORE = -100
 lib: ctypes.CDLL
-
-
-def ptr(t):
-    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
 
 
 def kernel(logits, targets, ls, z, saved_lse, grad_scale, loss, lse, grad, in_place):
@@ -94,22 +93,6 @@ def oracle(x, t, ls, z, gs):
     w = torch.ones_like(loss) if gs is None else gs.double().expand_as(loss)
     (loss * w).sum().backward()
     return loss.detach(), torch.logsumexp(x.double(), dim=-1), xd.grad
-
-
-def budget(actual, reference, oracle_, k, name):
-    """assert_within_budget; returns the fraction of the budget used."""
-    assert_within_budget(actual, reference, oracle_, k=k, name=name)
-    return max_abs_err(actual, oracle_) / error_budget(reference, oracle_, k=k)
-
-
-def ulps(got, ref, dtype):
-    """max |got - ref| in ulps of `dtype` at max(|ref|, 1% of the row's max |ref|) (rows: last dimension)."""
-    ref = ref.double()
-    mag = torch.maximum(ref.abs(), 0.01 * ref.abs().amax(-1, keepdim=True))
-    fi = torch.finfo(dtype)
-    mant = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
-    ulp = torch.exp2(torch.floor(torch.log2(mag.clamp_min(fi.tiny))) - mant)
-    return ((got.double() - ref).abs() / ulp).max().item()
 
 
 def check_grad(res, key, got, ref, orc, dtype):

@@ -28,7 +28,10 @@ import torch
 
 import aimv2_kernels._C  # noqa: F401  (registers the CPU ops)
 from aimv2_kernels.reference.patch_mse import patch_mse_loss_reference
-from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, error_budget, max_abs_err
+from aimv2_kernels.testing import FORWARD_K, GRADIENT_K
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from compare import budget, ptr, ulps  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT_DIR = HERE.parents[1] / "build" / "cuda_emulator"
@@ -40,10 +43,6 @@ lib: ctypes.CDLL
 
 def i64s(vals):
     return (ctypes.c_int64 * len(vals))(*vals)
-
-
-def ptr(t):
-    return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
 
 
 def plan(pred, images, p, grad):
@@ -85,22 +84,6 @@ def oracle(pred, images, p, prefix, off, grad_rows):
     w = torch.ones_like(rows) if grad_rows is None else grad_rows.double()
     (rows * w).sum().backward()
     return rows.detach(), x.grad
-
-
-def budget(actual, reference, oracle, k, name):
-    """assert_within_budget; returns the fraction of the budget used."""
-    assert_within_budget(actual, reference, oracle, k=k, name=name)
-    return max_abs_err(actual, oracle) / error_budget(reference, oracle, k=k)
-
-
-def ulps(got, ref, dtype):
-    """max |got - ref| in ulps of `dtype` at max(|ref|, 1% of the row's max |ref|) (rows: last dimension)."""
-    ref = ref.double()
-    mag = torch.maximum(ref.abs(), 0.01 * ref.abs().amax(-1, keepdim=True))
-    fi = torch.finfo(dtype)
-    mant = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
-    ulp = torch.exp2(torch.floor(torch.log2(mag.clamp_min(fi.tiny))) - mant)  # subnormal spacing below tiny
-    return ((got.double() - ref).abs() / ulp).max().item()
 
 
 def make(B, C, H, W, p, off, dtype, image_layout, pred_layout, seed):
