@@ -186,11 +186,9 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
         return backend
     if device.type == "cpu":
         candidates = ["cpu"]
-    elif device.type == "cuda":
-        choice = CUDA_AUTO.get(op, ("triton", ""))[0]
-        candidates = [choice] if choice != "cuda" or CUDA_KERNELS_VERIFIED else []
-        candidates += [b for b in ("triton", "cuda") if b not in candidates
-                       and (b != "cuda" or CUDA_KERNELS_VERIFIED)]
+    elif device.type == "cuda":  # the recorded winner first, then the other; unverified CUDA kernels never
+        order = dict.fromkeys((CUDA_AUTO.get(op, ("triton", ""))[0], "triton", "cuda"))
+        candidates = [b for b in order if b != "cuda" or CUDA_KERNELS_VERIFIED]
     else:
         candidates = []
     for candidate in candidates:

@@ -64,31 +64,25 @@ def _patch_verdict(r: dict) -> list[str]:
     return [_ratio_line("speed-up of cpu over the eager reference", speedup, ">= 3x", speedup >= 3.0)]
 
 
-def _lce_verdict(r: dict) -> list[str]:
-    ours, ref, cce = r.get("cpu"), r.get("reference"), r.get("cce-torch_compile")
-    lines = []
-    if ours and ref and ours.median_ms and ref.median_ms:
-        t = ours.median_ms / ref.median_ms
-        lines.append(_ratio_line("time of cpu / reference", t, "<= 1.0x", t <= 1.0))
-        if ours.peak_mem_mb is not None and ref.peak_mem_mb:
-            m = ours.peak_mem_mb / ref.peak_mem_mb
-            lines.append(_ratio_line("peak memory of cpu / reference", m, "<= 0.15", m <= 0.15))
-    if ours and cce and ours.median_ms and cce.median_ms:
-        t = ours.median_ms / cce.median_ms
-        lines.append(_ratio_line("time of cpu / cut-cross-entropy torch_compile", t, "<= 1.0x", t <= 1.0))
+def _against(ours, other, name: str, max_time: float, max_memory: float | None) -> list[str]:
+    """Lines for ours/other time (goal <= max_time) and peak memory (goal <= max_memory, when given)."""
+    if not (ours and other and ours.median_ms and other.median_ms):
+        return []
+    t = ours.median_ms / other.median_ms
+    lines = [_ratio_line(f"time of cpu / {name}", t, f"<= {max_time}x", t <= max_time)]
+    if max_memory is not None and ours.peak_mem_mb is not None and other.peak_mem_mb:
+        m = ours.peak_mem_mb / other.peak_mem_mb
+        lines.append(_ratio_line(f"peak memory of cpu / {name}", m, f"<= {max_memory}", m <= max_memory))
     return lines
+
+
+def _lce_verdict(r: dict) -> list[str]:
+    return (_against(r.get("cpu"), r.get("reference"), "reference", 1.0, 0.15)
+            + _against(r.get("cpu"), r.get("cce-torch_compile"), "cut-cross-entropy torch_compile", 1.0, None))
 
 
 def _attention_verdict(r: dict) -> list[str]:
-    ours, sdpa = r.get("cpu"), r.get("sdpa-dense-mask")
-    lines = []
-    if ours and sdpa and ours.median_ms and sdpa.median_ms:
-        t = ours.median_ms / sdpa.median_ms
-        lines.append(_ratio_line("time of cpu / SDPA with a dense mask", t, "<= 1.0x", t <= 1.0))
-        if ours.peak_mem_mb is not None and sdpa.peak_mem_mb:
-            m = ours.peak_mem_mb / sdpa.peak_mem_mb
-            lines.append(_ratio_line("peak memory of cpu / SDPA with a dense mask", m, "<= 1.0", m <= 1.0))
-    return lines
+    return _against(r.get("cpu"), r.get("sdpa-dense-mask"), "SDPA with a dense mask", 1.0, 1.0)
 
 
 TARGETS = {

@@ -89,7 +89,8 @@ def test_negative_scale():
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_never_visible_tiles_are_never_read(path, monkeypatch):
     monkeypatch.setenv("AIMV2_CPU_ATTENTION_BACKWARD", path)
-    check_never_visible_tiles_are_never_read(cpu_attention.attention_forward, cpu_attention.attention_backward, TILE, "cpu")
+    check_never_visible_tiles_are_never_read(cpu_attention.attention_forward, cpu_attention.attention_backward,
+                                             TILE, "cpu")
 
 
 _BASELINE_SCRIPT = """

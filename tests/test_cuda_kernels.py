@@ -15,8 +15,9 @@ import aimv2_kernels
 from aimv2_kernels._backend import load_extension
 from aimv2_kernels.reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
 from aimv2_kernels.reference.patch_mse import patch_mse_loss_reference
-from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens
+from aimv2_kernels.testing import random_prefix_lens
 from attention_cases import check_backend, check_never_visible_tiles_are_never_read, qkv
+from ce_cases import check, run, targets_with_ignored
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -32,18 +33,9 @@ def _cuda_extension():
         pytest.fail("aimv2_kernels._C was built without CUDA on a machine with a GPU: see the build log")
 
 
-def _grads(fn, leaves, upstream, *args, **kw):
-    """``[value, grad of each leaf]`` of ``fn(*leaves, *args, **kw)`` backpropagated with ``upstream``."""
-    leaves = [x.detach().clone().requires_grad_() for x in leaves]
-    out = fn(*leaves, *args, **kw)
-    (out * upstream.to(out.dtype)).sum().backward()
-    return [out.detach()] + [x.grad for x in leaves]
-
-
-def _compare(ours, ref, oracle, label, floors=None):
-    for i, (a, r, o) in enumerate(zip(ours, ref, oracle)):
-        floor = floors[i] if floors else None
-        assert_within_budget(a, r, o, k=FORWARD_K if i == 0 else GRADIENT_K, floor=floor, name=f"[{i}] {label}")
+def _grads(fn, leaves, upstream):
+    """``[value, grad of each leaf]`` of ``fn(*leaves)`` backpropagated with ``upstream``."""
+    return run(fn, leaves, [], upstream)
 
 
 # ---------------------------------------------------------------- patch_mse_loss
@@ -65,7 +57,7 @@ def test_patch_mse(dtype, shape, target_offset, reduction):
     oracle = _grads(lambda x: patch_mse_loss_reference(x, images.double(), p, lens, **kw), [pred.double()],
                     up.double())
     assert ours[1].dtype == dtype
-    _compare(ours, ref, oracle, f"patch_mse {dtype} {shape} offset={target_offset} {reduction}")
+    check(ours, ref, oracle, f"patch_mse {dtype} {shape} offset={target_offset} {reduction}")
 
 
 def test_patch_mse_strided_images():
@@ -78,15 +70,13 @@ def test_patch_mse_strided_images():
     ref = _grads(lambda x: patch_mse_loss_reference(x, images, 14, lens), [pred], torch.tensor(1.0, device=DEV))
     oracle = _grads(lambda x: patch_mse_loss_reference(x, images.double(), 14, lens), [pred.double()],
                     torch.tensor(1.0, device=DEV, dtype=torch.float64))
-    _compare(ours, ref, oracle, "patch_mse strided")
+    check(ours, ref, oracle, "patch_mse strided")
 
 
 # ---------------------------------------------------------------- cross_entropy / linear_cross_entropy
 
-def _targets(n, v, ignore_index, every=3):
-    t = torch.randint(0, v, (n,), device=DEV)
-    t[::every] = ignore_index
-    return t
+def _targets(n, v, ignore_index):
+    return targets_with_ignored((n,), v, ignore_index, DEV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
@@ -107,7 +97,7 @@ def test_cross_entropy(dtype, n, v, options, reduction):
     ours = _grads(lambda x: aimv2_kernels.cross_entropy(x, targets, backend="cuda", **kw), [logits], up)
     ref = _grads(lambda x: cross_entropy_reference(x, targets, **kw), [logits], up)
     oracle = _grads(lambda x: cross_entropy_reference(x, targets, **kw), [logits.double()], up.double())
-    _compare(ours, ref, oracle, f"cross_entropy {dtype} {n}x{v} {options} {reduction}")
+    check(ours, ref, oracle, f"cross_entropy {dtype} {n}x{v} {options} {reduction}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -118,7 +108,7 @@ def test_cross_entropy_large_logits_and_all_ignored(dtype):
     ours = _grads(lambda x: aimv2_kernels.cross_entropy(x, targets, backend="cuda"), [logits], up)
     ref = _grads(lambda x: cross_entropy_reference(x, targets), [logits], up)
     oracle = _grads(lambda x: cross_entropy_reference(x, targets), [logits.double()], up.double())
-    _compare(ours, ref, oracle, f"cross_entropy 1e4 {dtype}")
+    check(ours, ref, oracle, f"cross_entropy 1e4 {dtype}")
     ignored = torch.full((6,), -100, device=DEV)
     loss, grad = _grads(lambda x: aimv2_kernels.cross_entropy(x, ignored, backend="cuda"), [logits], up)
     assert loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
@@ -144,7 +134,7 @@ def test_linear_cross_entropy(dtype, reduction, with_bias):
     ours = run(aimv2_kernels.linear_cross_entropy, leaves, up, backend="cuda")
     ref = run(linear_cross_entropy_reference, leaves, up)
     oracle = run(linear_cross_entropy_reference, [x.double() for x in leaves], up.double())
-    _compare(ours, ref, oracle, f"linear_cross_entropy {dtype} {reduction} bias={with_bias}")
+    check(ours, ref, oracle, f"linear_cross_entropy {dtype} {reduction} bias={with_bias}")
 
 
 # ---------------------------------------------------------------- prefix_attention

@@ -45,11 +45,11 @@ def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                lse: Optional[torch.Tensor] = None, saved_lse: Optional[torch.Tensor] = None,
                scale: Optional[torch.Tensor] = None):
     """For each chunk of ``chunk`` tokens: logits = hidden @ weight.T (+ bias) in the input dtype (as
-    ``F.linear`` rounds them); the C++ kernel writes the loss rows / lse and overwrites the logits with their
-    gradient; the gradient matmuls accumulate the parameter gradients (no autograd).
+    ``F.linear`` rounds them); the compiled row kernel writes the loss rows / lse and overwrites the logits with
+    their gradient; the gradient matmuls accumulate the parameter gradients (no autograd).
 
     Args:
-        hidden: ``(N, D)``; weight: ``(V, D)``; bias: None or ``(V,)``, one dtype (fp32/bf16/fp16), CPU.
+        hidden: ``(N, D)``; weight: ``(V, D)``; bias: None or ``(V,)``; one dtype (fp32/bf16/fp16) and device.
         targets: ``(N,)`` integers.
         needs: which of (grad_hidden, grad_weight, grad_bias) to compute.
         loss_rows, lse, saved_lse: ``(N,)`` buffers, as in :func:`..cross_entropy.ce_rows`.
