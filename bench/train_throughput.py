@@ -1,0 +1,770 @@
+"""Training throughput of an AIMv2 preset: images/s, step time and MFU per backend, eager and under torch.compile.
+
+Usage::
+
+    python bench/train_throughput.py [--preset aimv2-demo] [--device cpu|cuda] [--batch-size N] [--steps N]
+        [--warmup N] [--backends all|auto,reference,cpu,triton,cuda] [--modes eager,compile] [--interleave]
+        [--profile [--profile-out PATH]] [--out DIR] [--note TEXT]
+
+A training step is :meth:`aimv2.train.Trainer.train_step` itself (forward under bf16 autocast on CUDA,
+``loss.backward()``, ``clip_grad_norm_(1.0)``, AdamW step, ``zero_grad``) on a Trainer whose batch iterator is
+replaced by one synthetic batch (normalized-like ``randn`` images, random caption ids right-padded with
+``pad_id``) drawn once: nothing is downloaded and no data loading is timed. Warm-up steps (which hold
+``torch.compile``'s compilation) are not timed; each timed step is wall time (CUDA synchronized after it).
+Reported: median step time and its 20th/80th percentiles, images/s = batch / median, the achieved model FLOP
+rate (:func:`model_flops_per_step` / median), and on a GPU the MFU against the measured bf16 rate of an 8192^3
+matmul. ``--out DIR`` writes ``train_throughput-<device>-<date>.{json,md}``.
+
+``--backends all`` (the default) is ``"reference"`` plus every backend that
+:func:`aimv2_kernels.available_backends` lists for all three ops on the device, except ``"triton"`` on the CPU
+(there it runs only through Triton's interpreter, a correctness tool: skipped, with a note) and ``"cuda"``
+unless ``AIMV2_BENCH_CUDA=1`` (``bench/gpu_check.sh`` sets it once the CUDA kernels passed their tests in the
+same run; a faulting kernel would poison the process's CUDA context). A backend or a compile that fails gives
+an error row; the run goes on.
+
+``--profile`` instead runs ``--warmup`` (default 1) + ``--steps`` (default 3) eager steps of one backend (the
+first of ``--backends``, default ``auto``) under ``torch.profiler``, writes a Chrome trace
+(``OUT/trace-<preset>-<backend>-<device>.json``, or ``--profile-out``; a path ending in ``.gz`` is gzipped)
+and reports the time per step spent in each of patch_mse_loss, prefix_attention and linear_cross_entropy, as
+a share of the step (see :func:`attribute_ops` for exactly what is counted); ``--out DIR`` also writes
+``train_profile-<preset>-<backend>-<device>-<date>.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import gzip
+import itertools
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+from aimv2.config import PRESETS, AIMv2Config  # noqa: E402
+from aimv2_kernels import BACKENDS, available_backends  # noqa: E402
+
+OPS = ("patch_mse_loss", "prefix_attention", "linear_cross_entropy")
+MODES = ("eager", "compile")
+MATMUL_N = 8192  # the MFU denominator: the measured rate of one bf16 (N, N) @ (N, N) matmul
+CPU_DEFAULTS = {"preset": "aimv2-demo", "batch_size": 8, "steps": 5, "warmup": 2}
+CUDA_DEFAULTS = {"preset": "aimv2-large-patch14-224", "batch_size": 128, "steps": 20, "warmup": 5}
+PROFILE_DEFAULTS = {"steps": 3, "warmup": 1}
+RANGE_PREFIX = "train_throughput::"  # record_function names of the profiled steps and op calls
+
+
+# -- model FLOPs --------------------------------------------------------------------------------------------
+
+def _sum_prefix_squares(prefix_lens, batch: int, n: int) -> float:
+    """``sum_b M_b^2`` of the drawn prefixes, or its expectation for M uniform in ``{1, ..., N-1}``."""
+    if prefix_lens is None:
+        return batch * n * (2 * n - 1) / 6  # E[M^2] = sum_{m=1}^{N-1} m^2 / (N-1) = N (2N - 1) / 6
+    values = [int(m) for m in (prefix_lens.tolist() if isinstance(prefix_lens, torch.Tensor) else prefix_lens)]
+    if len(values) != batch:
+        raise ValueError(f"prefix_lens must hold {batch} values (one per sample), got {len(values)}")
+    if any(not 0 <= m <= n for m in values):
+        raise ValueError(f"prefix_lens values must be in [0, {n}], got {values}")
+    return float(sum(m * m for m in values))
+
+
+def model_flops_breakdown(cfg: AIMv2Config, batch: int, prefix_lens=None, *,
+                          attention: str = "visible") -> dict[str, float]:
+    """Forward matmul FLOPs (2 per multiply-add) of one batch, per part of the model.
+
+    Parts: ``patch_embed`` (the conv as a ``(B*N, C*p*p) @ (C*p*p, D)`` matmul), ``encoder_linear`` (per block
+    qkv ``D x 3D``, proj ``D x D`` and the SwiGLU's fc1, fc3 ``D x F`` and fc2 ``F x D`` over B*N tokens),
+    ``encoder_attention``, ``image_proj`` (``D_enc x D_dec`` over B*N tokens), ``decoder_linear`` (the same per
+    block over ``S = N + 1 + T`` tokens), ``decoder_attention``, ``pixel_head`` (``D_dec x C*p*p`` over the
+    ``N - 1`` predicting positions) and ``text_head`` (``D_dec x V`` over the T caption positions).
+    Norms, softmax, element-wise ops and the optimizer are not counted.
+
+    Attention (both matmuls, ``QK^T`` and ``PV``), with ``D`` the model width (heads x head dim):
+    ``attention="visible"`` counts the visible (query, key) pairs, as DESIGN.md's performance accounting
+    does: prefix-causal encoder ``2 D sum_b (N^2 + M_b^2)`` per block, causal decoder ``2 B S^2 D`` (half of
+    full); ``attention="dense"`` counts every pair, ``4 B S^2 D`` per block, which is what the reference
+    backend computes (dense scores, then a mask).
+
+    Args:
+        cfg: the model's config.
+        batch: images per step.
+        prefix_lens: the encoder's per-sample prefix lengths (``(B,)`` ints in ``[0, N]``), or None for the
+            expectation over AIMv2's draw, uniform in ``{1, ..., N-1}``.
+        attention: ``"visible"`` or ``"dense"``.
+    """
+    if attention not in ("visible", "dense"):
+        raise ValueError(f"attention must be 'visible' or 'dense', got {attention!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    enc, dec = cfg.encoder, cfg.decoder
+    n, t, patch = enc.num_patches, dec.context_length, enc.patch_dim
+    s = n + 1 + t
+
+    def linears(tokens: int, dim: int, hidden: int, depth: int) -> int:
+        return depth * 2 * tokens * (3 * dim * dim + dim * dim + 3 * dim * hidden)
+
+    if attention == "visible":
+        enc_attn = enc.depth * 2 * enc.dim * (batch * n * n + _sum_prefix_squares(prefix_lens, batch, n))
+        dec_attn = dec.depth * 2 * batch * s * s * dec.dim
+    else:
+        if prefix_lens is not None:
+            _sum_prefix_squares(prefix_lens, batch, n)  # the same argument checks
+        enc_attn = enc.depth * 4 * batch * n * n * enc.dim
+        dec_attn = dec.depth * 4 * batch * s * s * dec.dim
+    return {
+        "patch_embed": 2 * batch * n * patch * enc.dim,
+        "encoder_linear": linears(batch * n, enc.dim, enc.mlp_hidden, enc.depth),
+        "encoder_attention": enc_attn,
+        "image_proj": 2 * batch * n * enc.dim * dec.dim,
+        "decoder_linear": linears(batch * s, dec.dim, dec.mlp_hidden, dec.depth),
+        "decoder_attention": dec_attn,
+        "pixel_head": 2 * batch * (n - 1) * dec.dim * patch,
+        "text_head": 2 * batch * t * dec.dim * dec.vocab_size,
+    }
+
+
+def model_flops_per_step(cfg: AIMv2Config, batch: int, prefix_lens=None, *, attention: str = "visible") -> float:
+    """Model FLOPs of one training step (forward + backward), for MFU.
+
+    Every matmul costs 3x its forward (the forward, the gradient of its input, the gradient of its weight),
+    except the patch embedding, 2x: nothing needs the gradient of the images. These are model FLOPs: an
+    attention kernel that recomputes the scores in its backward (DESIGN.md counts that backward as 2.5x the
+    forward) does more work than this counts, and masked-out score blocks that a dense kernel computes anyway
+    are not counted with ``attention="visible"``. Arguments as :func:`model_flops_breakdown`.
+    """
+    parts = model_flops_breakdown(cfg, batch, prefix_lens, attention=attention)
+    return 2 * parts["patch_embed"] + 3 * sum(v for k, v in parts.items() if k != "patch_embed")
+
+
+# -- backends, inputs and the training step -----------------------------------------------------------------
+
+def select_backends(spec: str, device: torch.device) -> tuple[list[str], list[str]]:
+    """``(backends to run, notes on those left out)`` for ``--backends``.
+
+    ``"all"``: ``"reference"`` plus the backends available for every op of the model on ``device``, without
+    ``"triton"`` on the CPU (interpreter only) and without ``"cuda"`` unless ``AIMV2_BENCH_CUDA=1``. A list
+    names backends explicitly; ``"triton"`` on the CPU is still left out, with a note.
+    """
+    notes: list[str] = []
+    if spec == "all":
+        common = [b for b in BACKENDS[1:] if all(b in available_backends(op, device) for op in OPS)]
+        chosen = ["reference"] + [b for b in common if b != "reference"]
+        if device.type == "cpu" and "cpu" not in chosen:
+            notes.append("cpu: skipped, the compiled extension aimv2_kernels._C is not built")
+        if device.type == "cuda" and "cuda" in chosen and os.environ.get("AIMV2_BENCH_CUDA") != "1":
+            chosen.remove("cuda")
+            notes.append("cuda: skipped, its kernels have not passed their GPU tests in this run "
+                         "(AIMV2_BENCH_CUDA=1 turns it on)")
+    else:
+        chosen = list(dict.fromkeys(spec.split(",")))
+    if device.type == "cpu" and "triton" in chosen:
+        chosen.remove("triton")
+        notes.append("triton: skipped on the CPU, where it runs only through Triton's interpreter "
+                     "(TRITON_INTERPRET=1), a correctness tool and not a performance one")
+    return chosen, notes
+
+
+def resolved_backends(backend: str, device: torch.device) -> dict[str, str]:
+    """The concrete backend of each op for ``backend`` on ``device`` (fp32 inputs); ``"?"`` if unavailable."""
+    from aimv2_kernels._backend import resolve_backend
+
+    out = {}
+    for op in OPS:
+        try:
+            out[op] = resolve_backend(op, backend, device, torch.float32)
+        except Exception:  # an unavailable explicit backend: the row records the error
+            out[op] = "?"
+    return out
+
+
+def synthetic_batch(cfg: AIMv2Config, batch: int, device: torch.device, seed: int = 0):
+    """One :class:`aimv2.data.Batch`: ``images`` fp32 ``(B, C, H, W)`` standard normal (as normalized images),
+    ``tokens`` int64 ``(B, T)``, random ids in ``[0, V)`` other than ``pad_id`` with a random length in
+    ``[T/2, T]``, right-padded with ``pad_id``; ``labels`` -1."""
+    from aimv2.data import Batch
+
+    enc, dec = cfg.encoder, cfg.decoder
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, enc.in_chans, enc.image_size, enc.image_size, generator=g)
+    tokens = torch.randint(0, dec.vocab_size - 1, (batch, dec.context_length), generator=g)
+    tokens = tokens + (tokens >= dec.pad_id).long()  # never pad_id
+    lengths = torch.randint(dec.context_length // 2, dec.context_length + 1, (batch, 1), generator=g)
+    tokens = tokens.masked_fill(torch.arange(dec.context_length)[None] >= lengths, dec.pad_id)
+    return Batch(images=images.to(device), tokens=tokens.to(device), labels=torch.full((batch,), -1, device=device))
+
+
+def make_trainer(preset: str, backend: str, device: torch.device, batch, steps: int, compile_model: bool):
+    """An :class:`aimv2.train.Trainer` for ``preset`` on ``backend`` whose batches are all ``batch``.
+
+    The Trainer builds the model (seed 0), AdamW with the recipe's parameter groups and the LR schedule;
+    its data loader is never read. With ``compile_model`` the model is ``torch.compile``d (the optimizer
+    keeps the same parameters).
+    """
+    from aimv2.train import TrainConfig, Trainer
+
+    trainer = Trainer(TrainConfig(preset=preset, out=os.devnull, steps=steps, batch_size=batch.images.shape[0],
+                                  device=str(device), backend=backend, progress=False))
+    trainer.batches = itertools.repeat(batch)
+    if compile_model:
+        trainer.model = torch.compile(trainer.model)
+    return trainer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def matmul_tflops(device: torch.device) -> float | None:
+    """Measured bf16 matmul rate (TFLOP/s) of an ``(8192, 8192) @ (8192, 8192)`` product; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=torch.bfloat16)
+    ms, _, _ = harness.time_fn(lambda: a @ a, device)
+    del a
+    torch.cuda.empty_cache()
+    return 2 * MATMUL_N ** 3 / ms / 1e9
+
+
+# -- throughput -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    backend: str
+    mode: str  # "eager" or "compile"
+    resolved: dict = field(default_factory=dict)  # op -> concrete backend
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    images_per_s: float | None = None
+    tflops: float | None = None  # achieved model TFLOP/s
+    mfu: float | None = None  # fraction of the measured bf16 matmul rate (GPU only)
+    peak_mem_mb: float | None = None  # GPU only
+    warmup_s: float | None = None  # wall time of the warm-up steps (holds the compilation)
+    loss: float | None = None  # the last timed step's loss (a sanity check: finite)
+    step_ms: list = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class _Config:
+    row: Row
+    trainer: object = None
+
+
+def _finish(row: Row, batch: int, flops: float, peak_tflops: float | None) -> None:
+    times = row.step_ms
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
+    row.median_ms, row.p20_ms, row.p80_ms = statistics.median(times), q[1], q[7]
+    row.images_per_s = batch / (row.median_ms / 1e3)
+    row.tflops = flops / (row.median_ms / 1e3) / 1e12
+    row.mfu = row.tflops / peak_tflops if peak_tflops else None
+
+
+def run_throughput(args, device: torch.device, backends: list[str], flops: float,
+                   peak_tflops: float | None) -> list[Row]:
+    """Time ``args.steps`` training steps after ``args.warmup`` for each (backend, mode); see the module doc.
+
+    Sequential (default): one configuration at a time, built, warmed up, timed and freed. ``--interleave``:
+    all configurations are built and warmed up first, then timed in rounds of one step each, so that load
+    from other jobs on a shared machine hits every configuration alike (all models are in memory at once).
+    """
+    from tqdm.auto import tqdm
+
+    batch = synthetic_batch(AIMv2Config.from_name(args.preset), args.batch_size, device)
+    configs = [_Config(Row(backend=b, mode=m, resolved=resolved_backends(b, device)))
+               for b in backends for m in args.modes]
+    total_steps = args.warmup + args.steps
+    torch._dynamo.reset()
+
+    def log(i: int, msg: str) -> None:
+        print(f"[{i + 1}/{len(configs)}] {configs[i].row.backend} {configs[i].row.mode}: {msg}",
+              file=sys.stderr, flush=True)
+
+    def start(i: int) -> None:
+        c = configs[i]
+        try:
+            if not args.interleave:
+                torch._dynamo.reset()  # each compiled configuration on a fresh dynamo state
+            c.trainer = make_trainer(args.preset, c.row.backend, device, batch, total_steps, c.row.mode == "compile")
+            log(i, f"{args.warmup} warm-up step(s)" + (" (compiling)" if c.row.mode == "compile" else ""))
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                c.trainer.train_step()
+            _sync(device)
+            c.row.warmup_s = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        except Exception as exc:  # an unavailable backend, a failed compile, an OOM: an error row
+            fail(i, exc)
+
+    def step(i: int) -> None:
+        c = configs[i]
+        try:
+            t0 = time.perf_counter()
+            metrics = c.trainer.train_step()
+            _sync(device)
+            c.row.step_ms.append((time.perf_counter() - t0) * 1e3)
+            c.row.loss = metrics["loss"]
+        except Exception as exc:
+            fail(i, exc)
+
+    def fail(i: int, exc: BaseException) -> None:
+        c = configs[i]
+        c.row.error, c.trainer, c.row.step_ms = _error(exc), None, []
+        log(i, f"error: {c.row.error}")
+        release()
+
+    def release() -> None:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def done(i: int) -> None:
+        c = configs[i]
+        if c.trainer is None:
+            return
+        if device.type == "cuda" and not args.interleave:  # interleaved: every model shares the one peak
+            c.row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        _finish(c.row, args.batch_size, flops, peak_tflops)
+        log(i, f"{c.row.median_ms:.1f} ms/step (p20 {c.row.p20_ms:.1f}, p80 {c.row.p80_ms:.1f}), "
+               f"{c.row.images_per_s:.1f} images/s, loss {c.row.loss:.4f}")
+        c.trainer = None
+        release()
+
+    if args.interleave:
+        for i in range(len(configs)):
+            start(i)
+        live = [i for i, c in enumerate(configs) if c.trainer is not None]
+        for _ in tqdm(range(args.steps), desc="rounds", disable=None, file=sys.stderr):
+            for i in live:
+                if configs[i].trainer is not None:
+                    step(i)
+        for i in live:
+            done(i)
+    else:
+        for i in range(len(configs)):
+            start(i)
+            if configs[i].trainer is None:
+                continue
+            for _ in tqdm(range(args.steps), desc=f"{configs[i].row.backend} {configs[i].row.mode}",
+                          disable=None, file=sys.stderr):
+                step(i)
+                if configs[i].trainer is None:
+                    break
+            done(i)
+    return [c.row for c in configs]
+
+
+def _cell(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def throughput_markdown(rows: list[Row], info: dict) -> str:
+    env = info["environment"]
+    gpu = info["device"].startswith("cuda")
+    rate = "TFLOP/s" if gpu else "GFLOP/s"
+    scale = 1.0 if gpu else 1e3
+    lines = [f"# Training throughput: {info['preset']}, batch {info['batch_size']}, {info['device']}", "",
+             f"{env.get('device_name')} · " + (f"{env['threads']} threads · " if env.get("threads") else "")
+             + f"torch {env.get('torch')} · triton {env.get('triton')} · {env.get('date')}", "",
+             f"One step = `Trainer.train_step` (forward{' under bf16 autocast' if gpu else ''}, backward, "
+             f"clip 1.0, AdamW, zero_grad) on one synthetic batch; {info['warmup']} warm-up step(s) not timed, "
+             f"then {info['steps']} timed steps ({'interleaved rounds' if info['interleave'] else 'sequential'}); "
+             f"median (p20, p80). Model FLOPs per step: {info['flops_per_step'] / 1e12:.4g} TFLOP "
+             f"(matmuls, visible attention pairs, expected prefix)."
+             + (f" MFU against the measured bf16 {MATMUL_N}^3 matmul rate, {info['matmul_tflops']:.0f} TFLOP/s."
+                if info.get("matmul_tflops") else " MFU: GPU only."), "",
+             f"| backend | mode | step ms | p20 | p80 | images/s | {rate} | MFU | peak MB | warm-up s | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        resolved = ", ".join(f"{op}={b}" for op, b in r.resolved.items()) if r.backend == "auto" else ""
+        error = r.error.replace("|", "\\|") if r.error else None
+        lines.append("| " + " | ".join([
+            r.backend, r.mode, _cell(r.median_ms, ".1f"), _cell(r.p20_ms, ".1f"), _cell(r.p80_ms, ".1f"),
+            _cell(r.images_per_s, ".1f"), _cell(None if r.tflops is None else r.tflops * scale, ".3g"),
+            _cell(None if r.mfu is None else 100 * r.mfu, ".1f") + ("%" if r.mfu is not None else ""),
+            _cell(r.peak_mem_mb, ".0f"), _cell(r.warmup_s, ".1f"), error or resolved]) + " |")
+    notes = [n for n in [*info.get("notes", []), _load_line(info)] if n]
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+# -- profile ------------------------------------------------------------------------------------------------
+
+def _op_call_sites() -> dict[str, tuple[object, str]]:
+    """Where the model looks up each op (the module globals that ``aimv2`` calls): op -> (module, name)."""
+    import aimv2.layers
+    import aimv2.model
+
+    sites = {"patch_mse_loss": (aimv2.model, "patch_mse_loss"), "prefix_attention": (aimv2.layers, "prefix_attention"),
+             "linear_cross_entropy": (aimv2.model, "linear_cross_entropy")}
+    for op, (module, name) in sites.items():
+        if not callable(getattr(module, name, None)):
+            raise RuntimeError(f"{module.__name__}.{name} not found: the profile's op attribution must follow "
+                               f"how aimv2 calls {op}")
+    return sites
+
+
+def _graph_nodes(outputs, inputs) -> set[int]:
+    """Sequence numbers of the autograd nodes created by one op call: the nodes reachable from its outputs'
+    ``grad_fn`` that are newer than every input's ``grad_fn`` (nodes are numbered in creation order on the
+    forward thread, and the op can reach older nodes only through its inputs); gradient accumulators
+    (leaves) excluded."""
+    flat = [x for x in (outputs if isinstance(outputs, (tuple, list)) else (outputs,)) if isinstance(x, torch.Tensor)]
+    floor = max((x.grad_fn._sequence_nr() for x in inputs if isinstance(x, torch.Tensor) and x.grad_fn is not None),
+                default=-1)
+    seen: set[int] = set()
+    stack = [x.grad_fn for x in flat if x.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or type(node).__name__ == "AccumulateGrad":
+            continue
+        seq = node._sequence_nr()
+        if seq <= floor or seq in seen:
+            continue
+        seen.add(seq)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
+@contextlib.contextmanager
+def op_ranges() -> Iterator[dict[str, set[int]]]:
+    """Within the block, each call of the three ops as the model makes it runs inside
+    ``record_function("train_throughput::<op>")``, and the sequence numbers of the autograd nodes it creates
+    are collected in the yielded ``{op: set}`` (their backward shows as
+    ``autograd::engine::evaluate_function: <node>`` events with the same sequence number)."""
+    sites = _op_call_sites()
+    nodes: dict[str, set[int]] = {op: set() for op in sites}
+    originals = {op: getattr(module, name) for op, (module, name) in sites.items()}
+
+    def wrap(op: str, fn):
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(RANGE_PREFIX + op):
+                out = fn(*args, **kwargs)
+            nodes[op] |= _graph_nodes(out, list(args) + list(kwargs.values()))
+            return out
+        return call
+
+    try:
+        for op, (module, name) in sites.items():
+            setattr(module, name, wrap(op, originals[op]))
+        yield nodes
+    finally:
+        for op, (module, name) in sites.items():
+            setattr(module, name, originals[op])
+
+
+def _outermost(events: list) -> list:
+    """The events not inside another of ``events`` on the same thread (so nested ones are not counted twice)."""
+    kept, last_end = [], {}
+    for e in sorted(events, key=lambda e: (e.thread, e.time_range.start, -e.time_range.end)):
+        if e.time_range.end <= last_end.get(e.thread, -math.inf):
+            continue
+        kept.append(e)
+        last_end[e.thread] = max(e.time_range.end, last_end.get(e.thread, -math.inf))
+    return kept
+
+
+def _op_of_kernel_name(name: str) -> str | None:
+    """The op an ``aimv2::`` custom-op event belongs to in this model (cross-entropy rows: the linear one)."""
+    for key, op in (("patch_mse", "patch_mse_loss"), ("prefix_attention", "prefix_attention"),
+                    ("cross_entropy", "linear_cross_entropy")):
+        if key in name:
+            return op
+    return None
+
+
+def attribute_ops(events, nodes: dict[str, set[int]], steps: int, device: torch.device) -> dict:
+    """Time per step of each op and its share of the step, from the profiler's events.
+
+    Counted for an op, per step: ``forward``, the ``train_throughput::<op>`` range around each call (argument
+    checks, reshapes, backend dispatch and the kernels; for the fp32 ``cpu`` linear cross-entropy also its
+    gradients, computed in the forward); ``backward``, the ``autograd::engine::evaluate_function`` events of
+    the autograd nodes that the calls created (matched by sequence number: for the reference every aten op's
+    backward, for the kernel backends the custom op's backward and the small reduction nodes around it).
+    Only the outermost of those events count, so nothing nested is counted twice. ``custom_ops`` is the time
+    in the outermost ``aimv2::`` custom-op events (by name, as in ``key_averages()``): the kernels without the
+    Python around them; none exist for the reference. On CPU the times are host wall times; on CUDA the GPU
+    time of the kernels that the events launched. The step time is the host wall time of the
+    ``train_throughput::step`` ranges (each ends with the Trainer's ``.item()`` reads, a device sync).
+    """
+    events = list(events)
+    cuda = device.type == "cuda"
+
+    def duration(e) -> float:  # microseconds
+        return float(e.device_time_total) if cuda else float(e.time_range.elapsed_us())
+
+    host_only = [e for e in events if getattr(e, "device_type", None) is None
+                 or str(e.device_type).endswith("CPU")]
+    steps_us = [e.time_range.elapsed_us() for e in host_only if e.name == RANGE_PREFIX + "step"]
+    if len(steps_us) != steps:
+        raise RuntimeError(f"expected {steps} profiled steps, found {len(steps_us)} step ranges")
+    step_ms = sum(steps_us) / 1e3 / steps
+    backward_events = [e for e in host_only if e.name.startswith("autograd::engine::evaluate_function:")]
+    kernel_events = [e for e in host_only if e.name.startswith("aimv2::")]
+    outer_kernels = []
+    for e in kernel_events:
+        parent, nested = e.cpu_parent, False
+        while parent is not None:
+            if parent.name.startswith("aimv2::"):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            outer_kernels.append(e)
+    rows = {}
+    for op in OPS:
+        fwd = _outermost([e for e in host_only if e.name == RANGE_PREFIX + op])
+        bwd = _outermost([e for e in backward_events if e.sequence_nr in nodes.get(op, set())])
+        kern = [e for e in outer_kernels if _op_of_kernel_name(e.name) == op]
+        f_ms = sum(duration(e) for e in fwd) / 1e3 / steps
+        b_ms = sum(duration(e) for e in bwd) / 1e3 / steps
+        rows[op] = {"calls_per_step": len(fwd) / steps, "forward_ms": f_ms, "backward_ms": b_ms,
+                    "total_ms": f_ms + b_ms, "share_pct": 100 * (f_ms + b_ms) / step_ms,
+                    "custom_ops_ms": sum(duration(e) for e in kern) / 1e3 / steps if kern else None,
+                    "backward_nodes_per_step": len(bwd) / steps}
+    optimizer = [e for e in host_only if e.name.startswith("Optimizer.step#")]
+    opt_ms = sum(duration(e) for e in _outermost(optimizer)) / 1e3 / steps if optimizer else None
+    ops_ms = sum(r["total_ms"] for r in rows.values())
+    return {"step_ms": step_ms, "ops": rows, "ops_total_ms": ops_ms, "ops_share_pct": 100 * ops_ms / step_ms,
+            "optimizer_ms": opt_ms, "time_base": "GPU kernel time" if cuda else "host wall time"}
+
+
+def run_profile(args, device: torch.device, backend: str) -> dict:
+    """Profile ``args.warmup`` + ``args.steps`` eager steps of ``backend``; write the trace; return the shares."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    batch = synthetic_batch(AIMv2Config.from_name(args.preset), args.batch_size, device)
+    trainer = make_trainer(args.preset, backend, device, batch, args.warmup + args.steps, compile_model=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    print(f"profile: {args.preset}, batch {args.batch_size}, backend {backend}, {args.warmup} warm-up + "
+          f"{args.steps} profiled step(s)", file=sys.stderr, flush=True)
+    with op_ranges() as nodes:
+        for _ in range(args.warmup):
+            trainer.train_step()
+        _sync(device)
+        for op in nodes:
+            nodes[op].clear()
+        with profile(activities=activities) as prof:
+            for i in range(args.steps):
+                with record_function(RANGE_PREFIX + "step"):
+                    trainer.train_step()
+                    _sync(device)
+                print(f"profile: step {i + 1}/{args.steps}", file=sys.stderr, flush=True)
+    trace = Path(args.profile_out) if args.profile_out else (
+        Path(args.out or ".") / f"trace-{args.preset}-{backend}-{device.type}.json")
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    if trace.suffix == ".gz":
+        raw = trace.with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+    else:
+        prof.export_chrome_trace(str(trace))
+    shares = attribute_ops(prof.events(), nodes, args.steps, device)
+    shares.update(backend=backend, resolved=resolved_backends(backend, device), trace=str(trace),
+                  trace_mb=trace.stat().st_size / 2**20)
+    return shares
+
+
+def profile_markdown(result: dict, info: dict) -> str:
+    env = info["environment"]
+    lines = [f"# Op shares of a training step: {info['preset']}, batch {info['batch_size']}, "
+             f"backend {result['backend']}, {info['device']}", "",
+             f"{env.get('device_name')} · " + (f"{env['threads']} threads · " if env.get("threads") else "")
+             + f"torch {env.get('torch')} · {env.get('date')} · resolved: "
+             + ", ".join(f"{op}={b}" for op, b in result["resolved"].items()), "",
+             f"{info['warmup']} warm-up step(s), then {info['steps']} eager step(s) under torch.profiler; "
+             f"per step, {result['time_base']}. Step (profiled): {result['step_ms']:.1f} ms.", "",
+             "| op | calls/step | forward ms | backward ms | total ms | share of step | in aimv2:: custom ops ms |",
+             "|---|---|---|---|---|---|---|"]
+    for op, r in result["ops"].items():
+        lines.append(f"| {op} | {r['calls_per_step']:.0f} | {r['forward_ms']:.2f} | {r['backward_ms']:.2f} | "
+                     f"{r['total_ms']:.2f} | {r['share_pct']:.1f}% | {_cell(r['custom_ops_ms'], '.2f') or '—'} |")
+    lines.append(f"| **the three ops** | | | | {result['ops_total_ms']:.2f} | {result['ops_share_pct']:.1f}% | |")
+    if result.get("optimizer_ms") is not None:
+        lines.append(f"| AdamW step (for scale) | | | | {result['optimizer_ms']:.2f} | "
+                     f"{100 * result['optimizer_ms'] / result['step_ms']:.1f}% | |")
+    lines += ["", "What is counted: forward = the record_function range around each call of the op as the model "
+              "makes it (argument checks, reshapes, dispatch, kernels); backward = the autograd-engine events of "
+              "the autograd nodes that those calls created, matched by sequence number (for the reference, the "
+              "backward of each of its aten ops). Only outermost events count, so nested events are not counted "
+              "twice. The fp32 `cpu` linear_cross_entropy computes its gradients in its forward; its backward "
+              "only scales them. \"in aimv2:: custom ops\" = the outermost `aimv2::` custom-op events, i.e. the "
+              "kernels without the Python around them (none for the reference). Profiling adds overhead per "
+              "event, more for the reference (many small aten ops) than for the fused kernels.",
+              "", f"Trace: `{Path(result['trace']).name}` ({result['trace_mb']:.1f} MB)."]
+    notes = [n for n in [*info.get("notes", []), _load_line(info)] if n]
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="train_throughput.py", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default=None, help=f"model preset (default: {CPU_DEFAULTS['preset']} on cpu, "
+                   f"{CUDA_DEFAULTS['preset']} on cuda); one of: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per step (default: {CPU_DEFAULTS['batch_size']} on cpu, "
+                        f"{CUDA_DEFAULTS['batch_size']} on cuda)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on cpu, 20 on cuda, 3 with "
+                   "--profile)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first, they hold the compilation "
+                   "(default: 2 on cpu, 5 on cuda, 1 with --profile)")
+    p.add_argument("--backends", default=None, help="comma-separated list of " + ", ".join(BACKENDS)
+                   + ", or 'all' (default; reference + every backend available for all three ops; "
+                   "--profile: the first in the list, default auto)")
+    p.add_argument("--modes", default=None, help="comma-separated: eager, compile (default: both; --profile: eager)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time all configurations in rounds of one step each (all models in memory at once)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one backend's eager steps: Chrome trace and the share of each op")
+    p.add_argument("--profile-out", default=None,
+                   help="trace path (default: OUT/trace-<preset>-<backend>-<device>.json; .gz compresses)")
+    p.add_argument("--out", default=None, help="folder for train_throughput-<device>-<date>.{json,md} "
+                   "(--profile: train_profile-<preset>-<backend>-<device>-<date>.{json,md} and the trace)")
+    p.add_argument("--note", action="append", default=[], help="a line recorded in the outputs (repeatable)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    defaults = dict(CPU_DEFAULTS if device.type == "cpu" else CUDA_DEFAULTS)
+    if args.profile:
+        defaults.update(PROFILE_DEFAULTS)
+    for name in ("preset", "batch_size", "steps", "warmup"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if args.preset not in PRESETS:
+        parser.error(f"--preset: unknown preset {args.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    for name, low in (("batch_size", 1), ("steps", 1), ("warmup", 0)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    spec = args.backends or ("auto" if args.profile else "all")
+    names = [s.strip() for s in spec.split(",")]
+    if spec != "all" and (not all(names) or any(n not in BACKENDS for n in names)):
+        parser.error(f"--backends: expected 'all' or a comma-separated list of {', '.join(BACKENDS)}, got {spec!r}")
+    args.backends = ",".join(names) if spec != "all" else "all"
+    modes = [s.strip() for s in (args.modes or ("eager" if args.profile else ",".join(MODES))).split(",")]
+    if not all(m in MODES for m in modes):
+        parser.error(f"--modes: expected a comma-separated list of {', '.join(MODES)}, got {args.modes!r}")
+    args.modes = list(dict.fromkeys(modes))
+    return args, device
+
+
+@contextlib.contextmanager
+def _check_values_off() -> Iterator[None]:
+    """``AIMV2_CHECK_VALUES=0`` (unless set) while running: no host syncs from the ops' value checks in timed
+    steps. Restored afterwards, so that importing or calling this module leaves the process's checks alone."""
+    before = os.environ.get("AIMV2_CHECK_VALUES")
+    os.environ.setdefault("AIMV2_CHECK_VALUES", "0")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("AIMV2_CHECK_VALUES", None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, device = parse_args(argv)
+    with _check_values_off():
+        return _run(args, device)
+
+
+def _run(args, device: torch.device) -> int:
+    backends, notes = select_backends(args.backends, device)
+    env = harness.environment(device)
+    cfg = AIMv2Config.from_name(args.preset)
+    info = {"preset": args.preset, "device": str(device), "batch_size": args.batch_size, "steps": args.steps,
+            "warmup": args.warmup, "environment": env, "notes": notes + list(args.note),
+            "load_average_start": _load_average()}
+    out = Path(args.out) if args.out else None
+    if args.profile:
+        if not backends:
+            print("train_throughput.py: error: no backend left to profile (" + "; ".join(notes) + ")",
+                  file=sys.stderr)
+            return 2
+        if "compile" in args.modes:
+            info["notes"].append("--modes compile ignored: --profile profiles eager steps only")
+        result = run_profile(args, device, backends[0])
+        info.update(profile=result, load_average_end=_load_average())
+        text = profile_markdown(result, info)
+        print(text)
+        if out is not None:
+            stem = f"train_profile-{args.preset}-{backends[0]}-{device.type}-{env['date']}"
+            _write(out, stem, info, text)
+        return 0
+    flops = model_flops_per_step(cfg, args.batch_size)
+    peak = matmul_tflops(device)
+    if args.warmup == 0 and "compile" in args.modes:
+        info["notes"].append("--warmup 0: the compile rows' first timed step holds the compilation")
+    info.update(modes=args.modes, interleave=args.interleave, flops_per_step=flops,
+                flops_breakdown_forward=model_flops_breakdown(cfg, args.batch_size), matmul_tflops=peak,
+                backends=backends)
+    rows = run_throughput(args, device, backends, flops, peak)
+    info.update(rows=[asdict(r) for r in rows], load_average_end=_load_average())
+    text = throughput_markdown(rows, info)
+    print(text)
+    if out is not None:
+        _write(out, f"train_throughput-{device.type}-{env['date']}", info, text)
+    return 0
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (other jobs on a shared machine show here)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _load_line(info: dict) -> str:
+    start, end = info.get("load_average_start"), info.get("load_average_end")
+    return f"Load average (1, 5, 15 min) at start {start}, at end {end}." if start or end else ""
+
+
+def _write(out: Path, stem: str, info: dict, text: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
