@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -30,6 +31,8 @@ class Result:
     peak_mem_mb: float | None = None
     derived: dict = field(default_factory=dict)  # e.g. {"TFLOP/s": ..., "GB/s": ...}
     error: str | None = None  # why a provider could not run (missing peer, out of memory, ...)
+    size: float | None = None  # the x value of the config in a sweep (S, tokens, pixels), for plots
+    series: str = ""  # configs of one sweep share a series; "" = not part of a plotted sweep
 
 
 def environment(device: torch.device) -> dict:
@@ -90,6 +93,75 @@ def summarize(op: str, config: str, provider: str, mode: str, samples: list[floa
                   p20_ms=q[1], p80_ms=q[7])
 
 
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def make_step(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], mode: str) -> Callable[[], object]:
+    """The callable timed for ``mode``.
+
+    fwd: the loss (no graph kept beyond the call); fwd+bwd: the loss and its backward; bwd: the backward of one
+    graph built here, replayed with ``retain_graph=True``. A graph compiled by ``torch.compile`` donates its
+    buffers to the backward by default, which forbids a replay, so the bwd graph is compiled afresh with
+    donation off.
+    """
+    if mode == "fwd":
+        return loss_fn
+    if mode == "fwd+bwd":
+        def run():
+            for t in leaves:
+                t.grad = None
+            loss_fn().backward()
+        return run
+    if mode != "bwd":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    import torch._functorch.config as functorch_config
+
+    no_donation = functorch_config.patch(donated_buffer=False, enable_autograd_cache=False)
+
+    def run_bwd():
+        for t in leaves:
+            t.grad = None
+        with no_donation:  # read at every compiled backward call, not only when compiling
+            out.backward(retain_graph=True)
+
+    # The compile caches do not key on donation: a graph cached by a fwd+bwd run would come back with it. A
+    # dynamic-shape graph compiles its backward at the first backward call, so that call is made here too.
+    with no_donation:
+        torch._dynamo.reset()  # also recompiles what a peer compiled on its own (cut-cross-entropy's torch_compile)
+        out = loss_fn()
+    run_bwd()
+    return run_bwd
+
+
+def our_backends(op: str, device: torch.device) -> dict[str, str | None]:
+    """Our concrete backends for ``op`` on ``device``: backend -> None when it is timed, else why not.
+
+    Triton on a CPU runs only through its interpreter, which is a test device, not a fast path. ``"cuda"`` is left
+    out when ``AIMV2_BENCH_CUDA=0`` (``bench/gpu_check.sh`` sets it when the CUDA kernels failed their tests in
+    the same run: a faulting kernel would poison the process's CUDA context and every later measurement).
+    """
+    from aimv2_kernels import available_backends
+    from aimv2_kernels._backend import KERNELS, triton_available
+
+    out: dict[str, str | None] = {}
+    if device.type == "cpu" and (op, "triton") in KERNELS and triton_available():
+        out["triton"] = "Triton runs on a CPU only through its interpreter"
+    for backend in available_backends(op, device):
+        if backend == "reference" or backend in out:
+            continue
+        if backend == "cuda" and os.environ.get("AIMV2_BENCH_CUDA") == "0":
+            out[backend] = "AIMV2_BENCH_CUDA=0: the CUDA kernels did not pass their tests in this run"
+        else:
+            out[backend] = None
+    return out
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` on a fresh dynamo state: each (config, mode) compiles its own static-shape graph."""
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
 def _status_kb(field_name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -118,6 +190,20 @@ def rss_peak_growth_mb(fn: Callable[[], object]) -> float:
 CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
+def ceilings(device: torch.device) -> dict:
+    """Measured copy GB/s (bytes read + written, 1 GiB) and bf16 matmul TFLOP/s (8192^3) on a CUDA device."""
+    if device.type != "cuda":
+        return {}
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms, _, _ = time_fn(lambda: dst.copy_(src), device)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm_ms, _, _ = time_fn(lambda: a @ a, device)
+    del src, dst, a
+    torch.cuda.empty_cache()
+    return {"copy_GBps": 2 * 2**30 / copy_ms / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak allocated memory during one call, above what was allocated before it (GPU only)."""
     if device.type != "cuda":
@@ -140,7 +226,7 @@ def measure(op: str, config: str, provider: str, mode: str, fn_factory: Callable
         result.median_ms, result.p20_ms, result.p80_ms = time_fn(fn, device, **timing)
         result.peak_mem_mb = peak_memory_mb(fn, device)
         if derive is not None:
-            result.derived = {k: round(v, 2) for k, v in derive(result.median_ms).items()}
+            result.derived = {k: float(f"{v:.4g}") for k, v in derive(result.median_ms).items()}
     except Exception as exc:  # a missing peer, an OOM, an unsupported shape: recorded in the table
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     finally:
@@ -149,25 +235,80 @@ def measure(op: str, config: str, provider: str, mode: str, fn_factory: Callable
     return result
 
 
-def to_markdown(results: list[Result], env: dict, title: str) -> str:
-    lines = [f"# {title}", "", f"{env.get('device_name')} · torch {env.get('torch')} · triton {env.get('triton')} · "
-             f"{env.get('date')}", ""]
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def to_markdown(results: list[Result], env: dict, title: str, notes: dict[str, list[str]] | None = None) -> str:
+    """Markdown: a header with the machine and versions, then one table per op.
+
+    Rows are grouped per config and mode; ``x ref`` is the eager reference's median over the row's median in the
+    same config and mode (above 1: faster than the reference). ``notes`` adds lines under an op's table.
+    """
+    lines = [f"# {title}", "", f"{env.get('device_name')} · {env.get('device')}"
+             + (f" · {env['threads']} threads" if env.get("threads") else "")
+             + f" · torch {env.get('torch')} · triton {env.get('triton')} · {env.get('date')}", ""]
     by_op: dict[str, list[Result]] = {}
     for r in results:
         by_op.setdefault(r.op, []).append(r)
+    ref = {(r.op, r.config, r.mode): r.median_ms for r in results if r.provider == "reference" and r.median_ms}
     for op, rows in by_op.items():
         derived_keys = sorted({k for r in rows for k in r.derived})
-        lines += [f"## {op}", "", "| config | mode | provider | median ms | p20 | p80 | peak MB | "
-                  + " | ".join(derived_keys) + (" |" if derived_keys else "") + " note |",
-                  "|" + "---|" * (8 + len(derived_keys))]
+        lines += [f"## {op}", "", "| config | mode | provider | median ms | p20 | p80 | peak MB | x ref | "
+                  + "".join(f"{k} | " for k in derived_keys) + "note |",
+                  "|" + "---|" * (9 + len(derived_keys))]
         for r in rows:
-            cells = [r.config, r.mode, r.provider] + [
-                "" if v is None else f"{v:.3f}" for v in (r.median_ms, r.p20_ms, r.p80_ms)] + [
-                "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"] + [
-                str(r.derived.get(k, "")) for k in derived_keys] + [r.error or ""]
+            base = ref.get((r.op, r.config, r.mode))
+            speedup = base / r.median_ms if base and r.median_ms else None
+            cells = [r.config, r.mode, r.provider, _fmt(r.median_ms, 4), _fmt(r.p20_ms, 4), _fmt(r.p80_ms, 4),
+                     _fmt(r.peak_mem_mb), "" if speedup is None else f"{speedup:.2f}"] + [
+                _fmt(r.derived.get(k)) for k in derived_keys] + [(r.error or "").replace("|", "/")]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += [""] + [f"- {line}" for line in (notes or {}).get(op, [])]
         lines.append("")
     return "\n".join(lines)
+
+
+def plot(results: list[Result], env: dict, path: Path, op: str, mode: str = "fwd+bwd") -> Path | None:
+    """A PNG with time (left) and peak memory (right) per provider across the sizes of ``op``'s sweep.
+
+    Only rows of one series (the first one that has sized rows) in ``mode`` are drawn; None when there is none.
+    """
+    rows = [r for r in results if r.op == op and r.mode == mode and r.series and r.size is not None]
+    if not rows:
+        return None
+    series = rows[0].series
+    rows = [r for r in rows if r.series == series]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for provider in dict.fromkeys(r.provider for r in rows):
+        pts = sorted((r.size, r.median_ms, r.peak_mem_mb) for r in rows if r.provider == provider and r.median_ms)
+        if not pts:
+            continue
+        style = dict(marker="o", linewidth=2.2 if provider in ("cpu", "cuda", "triton") else 1.2)
+        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=provider, **style)
+        mem = [p for p in pts if p[2] is not None]
+        if mem:
+            ax_m.plot([p[0] for p in mem], [max(p[2], 1e-2) for p in mem], label=provider, **style)
+    memory_kind = "peak allocated" if env.get("device", "").startswith("cuda") else "peak resident-memory growth"
+    for ax, label in ((ax_t, "median time (ms)"), (ax_m, f"{memory_kind} (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(series)
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=8)
+    fig.suptitle(f"{op}, {mode} — {env.get('device_name')} ({env.get('device')}), {env.get('date')}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write(results: list[Result], env: dict, out_dir: Path, stem: str, title: str) -> tuple[Path, Path]:
@@ -176,3 +317,9 @@ def write(results: list[Result], env: dict, out_dir: Path, stem: str, title: str
     json_path.write_text(json.dumps({"environment": env, "results": [asdict(r) for r in results]}, indent=2))
     md_path.write_text(to_markdown(results, env, title))
     return json_path, md_path
+
+
+def load(path: Path) -> tuple[list[Result], dict]:
+    """The results and environment of a JSON file written by :func:`write`."""
+    data = json.loads(Path(path).read_text())
+    return [Result(**row) for row in data["results"]], data["environment"]

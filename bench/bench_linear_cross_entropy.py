@@ -1,0 +1,111 @@
+"""Benchmark of ``linear_cross_entropy`` (the text head's projection fused with the cross-entropy).
+
+Providers: our backends, the reference (builds the ``(tokens, V)`` logits) eager and under ``torch.compile``,
+and the peers when installed: liger-kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA), cut-cross-entropy
+with its default kernel (CUDA) and with ``impl="torch_compile"`` (also on a CPU).
+Shapes: the AIMv2 decoder's caption tokens, ``B x 77`` tokens with D = 1024 and V = 32000, swept in B.
+Derived: TFLOP/s from ``2 N D V`` (fwd), ``4 N D V`` (bwd), ``6 N D V`` (fwd+bwd), and the size the logits would
+have had, next to the measured peak memory.
+``python bench/bench_linear_cross_entropy.py [--device cpu|cuda] [--quick]`` is ``bench/run.py --op ...``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+import aimv2_kernels as K  # noqa: E402
+from aimv2_kernels.reference import linear_cross_entropy_reference  # noqa: E402
+
+OP = "linear_cross_entropy"
+CAPTION_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class Config:
+    """``hidden`` ``(tokens, dim)``, ``weight`` ``(vocab, dim)``, int64 ``targets`` ``(tokens,)``."""
+    tokens: int
+    dim: int
+    vocab: int
+    dtype: torch.dtype = torch.bfloat16
+    series: str = "tokens (B x 77)"
+
+    @property
+    def name(self) -> str:
+        return f"N={self.tokens} D={self.dim} V={self.vocab} {str(self.dtype).replace('torch.', '')}"
+
+    @property
+    def size(self) -> float:
+        return self.tokens
+
+    def flops(self, mode: str) -> float:
+        return {"fwd": 2.0, "bwd": 4.0, "fwd+bwd": 6.0}[mode] * self.tokens * self.dim * self.vocab
+
+    def logits_mb(self) -> float:
+        return self.tokens * self.vocab * torch.finfo(self.dtype).bits / 8 / 2**20
+
+
+# The CPU shape of the pytest-benchmark microbenchmarks (bench/test_microbench.py).
+MICRO = Config(2 * CAPTION_TOKENS, 1024, 32000, torch.float32)
+
+def configs(device: torch.device, quick: bool = False) -> list[Config]:
+    if quick:
+        return [Config(b * 7, 32, 301, torch.float32) for b in (2, 4)]
+    if device.type == "cuda":  # 128 images per GPU is AIMv2-L's batch
+        return [Config(b * CAPTION_TOKENS, 1024, 32000) for b in (32, 64, 128, 256)]
+    return [Config(b * CAPTION_TOKENS, 1024, 32000, torch.float32) for b in (2, 4, 8)]
+
+
+def _peer_reason(module: str, device: torch.device, cuda_only: bool) -> str | None:
+    if cuda_only and device.type != "cuda":
+        return f"{module} runs on CUDA only"
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed"
+    return None
+
+
+def providers(device: torch.device) -> dict[str, str | None]:
+    """provider -> None when it can run here, else why not."""
+    return {**harness.our_backends(OP, device), "reference": None, "reference-compiled": None,
+            "liger": _peer_reason("liger_kernel", device, cuda_only=True),
+            "cut-cross-entropy": _peer_reason("cut_cross_entropy", device, cuda_only=True),
+            "cce-torch_compile": _peer_reason("cut_cross_entropy", device, cuda_only=False)}
+
+
+def setup(config: Config, provider: str, mode: str = "fwd+bwd", device: torch.device | str = "cpu"):
+    """One call of ``provider`` on fresh random inputs of ``config`` in ``mode`` (fwd, bwd or fwd+bwd)."""
+    device = torch.device(device)
+    c = config
+    hidden = torch.randn(c.tokens, c.dim, device=device, dtype=c.dtype, requires_grad=True)
+    weight = (torch.randn(c.vocab, c.dim, device=device) / c.dim ** 0.5).to(c.dtype).requires_grad_()
+    targets = torch.randint(0, c.vocab, (c.tokens,), device=device)
+    if provider == "reference-compiled":
+        fn = harness.compiled(linear_cross_entropy_reference)
+    elif provider == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss()
+        fn = lambda h, w, t: liger(w, h, t)  # noqa: E731
+    elif provider in ("cut-cross-entropy", "cce-torch_compile"):
+        from cut_cross_entropy import linear_cross_entropy as cce
+        fn = functools.partial(cce, impl="torch_compile") if provider == "cce-torch_compile" else cce
+    elif provider in K.BACKENDS:
+        fn = functools.partial(K.linear_cross_entropy, backend=provider)
+    else:
+        raise ValueError(f"no provider {provider!r} for {OP}")
+    return harness.make_step(lambda: fn(hidden, weight, targets), [hidden, weight], mode)
+
+
+def derived(config: Config, mode: str, median_ms: float) -> dict:
+    return {"TFLOP/s": config.flops(mode) / median_ms / 1e9, "logits MB": config.logits_mb()}
+
+
+if __name__ == "__main__":
+    import run
+    sys.exit(run.main(["--op", OP, *sys.argv[1:]]))

@@ -1,0 +1,208 @@
+"""Benchmark every op against its reference and the installed peers, side by side in one run.
+
+Usage::
+
+    python bench/run.py [--op NAME ...] [--device cpu|cuda] [--quick] [--modes fwd,bwd,fwd+bwd]
+                        [--providers NAME,...] [--out bench/results] [--no-memory] [--no-plots]
+
+Writes ``OUT/<device>-<date>.json`` and ``.md`` (``<device>-<date>-quick.*`` with ``--quick``) and one PNG per op,
+``OUT/<device>-<date>-<op>.png`` (time and memory per provider across the op's sweep, fwd+bwd). A run with
+``--op`` updates that op's rows in an existing file of the same device and date and keeps the others.
+
+Each op has its own script (``bench/bench_<op>.py``) with ``configs(device, quick)``, ``providers(device)``,
+``setup(config, provider, mode, device) -> callable`` and ``derived(config, mode, ms)``; this file runs them.
+Timing: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call), on a CPU wall time
+after a warm-up call, at least 5 calls; median, 20th and 80th percentiles. Memory: on a GPU the peak allocated
+during one call above what was allocated before; on a CPU the growth of the peak resident size over one call,
+measured for each (op, provider) in a fresh subprocess. Argument value checks are off
+(``AIMV2_CHECK_VALUES=0``): they would add host synchronisations to our ops only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("AIMV2_CHECK_VALUES", "0")
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import torch  # noqa: E402
+
+import bench_cross_entropy  # noqa: E402
+import bench_linear_cross_entropy  # noqa: E402
+import bench_patch_mse_loss  # noqa: E402
+import bench_prefix_attention  # noqa: E402
+import harness  # noqa: E402
+
+OPS = {m.OP: m for m in (bench_patch_mse_loss, bench_prefix_attention, bench_linear_cross_entropy,
+                         bench_cross_entropy)}
+TITLE = "aimv2-kernels: ops against their references and peers"
+
+
+def _csv(choices: tuple[str, ...] | None, flag: str):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{flag} is empty")
+        bad = [t for t in items if choices is not None and t not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{flag}: unknown {', '.join(bad)} (choose from {', '.join(choices)})")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--op", action="append", choices=list(OPS), help="repeatable; default: every op")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and short timing: a smoke test of the harness")
+    ap.add_argument("--modes", type=_csv(harness.MODES, "--modes"), default=list(harness.MODES),
+                    help="comma-separated subset of fwd,bwd,fwd+bwd (default: all three)")
+    ap.add_argument("--providers", type=_csv(None, "--providers"), default=None,
+                    help="comma-separated providers to run (default: every one that can run here)")
+    ap.add_argument("--out", type=Path, default=BENCH / "results", help="output folder (default: bench/results)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--memory-child", nargs=2, metavar=("OP", "PROVIDER"), help=argparse.SUPPRESS)
+    return ap
+
+
+def _device(ap: argparse.ArgumentParser, name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: this machine (or this torch build) has no CUDA device")
+    return torch.device(name)
+
+
+def _timing(device: torch.device, quick: bool) -> dict:
+    if quick:
+        return {"warmup_ms": 1, "rep_ms": 5, "min_runs": 5}
+    return {"warmup_ms": 25, "rep_ms": 100, "min_runs": 5}
+
+
+def _memory_child(op: str, provider: str, device: torch.device, quick: bool, modes: list[str]) -> dict:
+    """{"<config>|<mode>": peak MB or None}: the resident-memory growth of one call of each (config, mode)."""
+    module, out = OPS[op], {}
+    for config in module.configs(device, quick):
+        for mode in modes:
+            try:
+                fn = module.setup(config, provider, mode, device)
+                out[f"{config.name}|{mode}"] = harness.rss_peak_growth_mb(fn)
+            except Exception:  # the error is recorded by the timing pass
+                out[f"{config.name}|{mode}"] = None
+            fn = None
+    return out
+
+
+def cpu_memory(op: str, provider: str, quick: bool, modes: list[str]) -> dict:
+    """Runs :func:`_memory_child` for one (op, provider) in a fresh subprocess (see ``harness.CPU_MEMORY_ENV``)."""
+    cmd = [sys.executable, __file__, "--memory-child", op, provider, "--device", "cpu", "--modes", ",".join(modes)]
+    cmd += ["--quick"] if quick else []
+    proc = subprocess.run(cmd, env={**os.environ, **harness.CPU_MEMORY_ENV}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"memory of {op} / {provider} failed:\n{proc.stderr[-1500:]}", file=sys.stderr)
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_op(op: str, device: torch.device, quick: bool, modes: list[str], only: list[str] | None,
+           memory: bool) -> tuple[list[harness.Result], list[str]]:
+    """Time (and measure the memory of) every runnable provider of ``op`` on every config and mode."""
+    from tqdm import tqdm
+
+    module = OPS[op]
+    available = module.providers(device)
+    notes = [f"not run: {p} ({why})" for p, why in available.items() if why is not None]
+    if only is not None:
+        unknown = [p for p in only if p not in available]
+        if unknown:
+            raise ValueError(f"--providers: {op} has no provider {', '.join(unknown)} (it has {', '.join(available)})")
+    runnable = [p for p, why in available.items() if why is None and (only is None or p in only)]
+    configs = module.configs(device, quick)
+    results: list[harness.Result] = []
+    jobs = [(c, p, m) for c in configs for p in runnable for m in modes]
+    for config, provider, mode in tqdm(jobs, desc=op, unit="case", file=sys.stderr, leave=False):
+        result = harness.measure(op, config.name, provider, mode,
+                                 lambda: module.setup(config, provider, mode, device), device,
+                                 lambda ms: module.derived(config, mode, ms), **_timing(device, quick))
+        result.size, result.series = config.size, config.series
+        results.append(result)
+    if memory and device.type == "cpu":
+        for provider in tqdm(runnable, desc=f"{op} memory", unit="provider", file=sys.stderr, leave=False):
+            peaks = cpu_memory(op, provider, quick, modes)
+            for r in results:
+                if r.provider == provider and r.error is None:
+                    r.peak_mem_mb = peaks.get(f"{r.config}|{r.mode}")
+        notes.append("peak MB: growth of the peak resident size over one call, in a fresh subprocess per provider")
+    elif device.type == "cuda":
+        notes.append("peak MB: peak allocated during one call above what was allocated before it")
+    return results, notes
+
+
+def write_outputs(out: Path, stem: str, results: list[harness.Result], env: dict, notes: dict[str, list[str]],
+                  plots: bool) -> list[Path]:
+    """Merge with an existing ``stem`` file (rows of ops not run now are kept), write JSON, markdown and plots."""
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    ran = {r.op for r in results}
+    if json_path.exists():
+        old, old_env = harness.load(json_path)
+        results = [r for r in old if r.op not in ran] + results
+        notes = {**{k: v for k, v in old_env.get("notes", {}).items() if k not in ran}, **notes}
+    order = list(OPS)
+    results.sort(key=lambda r: order.index(r.op) if r.op in order else len(order))
+    env = {**env, "notes": notes}
+    out.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"environment": env, "results": [dataclasses.asdict(r) for r in results]}, indent=2))
+    md_path.write_text(harness.to_markdown(results, env, TITLE, notes))
+    written = [json_path, md_path]
+    if plots:
+        for op in dict.fromkeys(r.op for r in results):
+            png = harness.plot(results, env, out / f"{stem}-{op}.png", op)
+            if png is not None:
+                written.append(png)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    device = _device(ap, args.device)
+    if args.memory_child:
+        print(json.dumps(_memory_child(*args.memory_child, device, args.quick, args.modes)))
+        return 0
+    ops = args.op or list(OPS)
+    env = harness.environment(device)
+    if device.type == "cuda":
+        env["ceilings"] = harness.ceilings(device)
+    env["quick"] = args.quick
+    stem = f"{device.type}-{env['date']}" + ("-quick" if args.quick else "")
+    all_results: list[harness.Result] = []
+    notes: dict[str, list[str]] = {}
+    written: list[Path] = []
+    for op in ops:
+        try:
+            results, notes[op] = run_op(op, device, args.quick, args.modes, args.providers, not args.no_memory)
+        except ValueError as exc:
+            ap.error(str(exc))
+        all_results += results
+        # Written after every op, so that a run stopped by a time limit keeps what it measured.
+        written = write_outputs(args.out, stem, results, env, {op: notes[op]}, not args.no_plots)
+        print(f"{op}: {sum(r.error is None for r in results)} measured, {sum(r.error is not None for r in results)} "
+              f"failed ({datetime.datetime.now():%H:%M:%S})", file=sys.stderr)
+    print(written[1].read_text())
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
