@@ -1,13 +1,15 @@
 """Benchmark of ``prefix_attention``: our backends against the reference (eager and compiled) and the peers.
 
 Peers (DESIGN.md): ``F.scaled_dot_product_attention`` with a dense boolean prefix mask; FlexAttention with a
-per-sample prefix block mask (compiled; CUDA only here, since its CPU version has no backward); flash-attn as two calls, a
-non-causal one over each sample's prefix and a bottom-right causal one for the rest (CUDA, when installed).
+per-sample prefix block mask (compiled; CUDA only here, its CPU version has no backward); flash-attn as two
+calls, a non-causal one over each sample's prefix and a bottom-right causal one for the rest (CUDA, when
+installed).
 
 Shapes: the AIMv2 encoder (head dim 128, random per-sample prefixes uniform in [1, S-1]) at S = 256, 576 and
 1024 and at native resolution up to 4096 patches, swept in S at a constant number of tokens per call; the
 decoder at S = 334 (256 patches + start token + 77 caption tokens), plainly causal.
-``python bench/bench_prefix_attention.py [--device cpu|cuda] [--quick]`` is ``bench/run.py --op prefix_attention``.
+``python bench/bench_prefix_attention.py [--device cpu|cuda] [--quick]`` is
+``bench/run.py --op prefix_attention``.
 """
 from __future__ import annotations
 
@@ -93,8 +95,8 @@ def providers(device: torch.device) -> dict[str, str | None]:
         flex = "FlexAttention has no backward on a CPU"
     else:
         flex = None
-    return {**harness.our_backends(OP, device), "reference": None, "reference-compiled": None, "sdpa-dense-mask": None,
-            "flex-attention": flex, "flash-attn": _flash_attn_reason(device)}
+    return {**harness.our_backends(OP, device), "reference": None, "reference-compiled": None,
+            "sdpa-dense-mask": None, "flex-attention": flex, "flash-attn": _flash_attn_reason(device)}
 
 
 def _flash_attn_two_calls(q, k, v, lens, seq):

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("AIMV2_CHECK_VALUES", "0")
 BENCH = Path(__file__).resolve().parent
@@ -114,28 +115,35 @@ def cpu_memory(op: str, provider: str, quick: bool, modes: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_op(op: str, device: torch.device, quick: bool, modes: list[str], only: list[str] | None,
-           memory: bool) -> tuple[list[harness.Result], list[str]]:
-    """Time (and measure the memory of) every runnable provider of ``op`` on every config and mode."""
+def run_op(op: str, device: torch.device, quick: bool, modes: list[str], only: list[str] | None, memory: bool,
+           on_config: Callable[[list[harness.Result], list[str]], object] | None = None,
+           ) -> tuple[list[harness.Result], list[str]]:
+    """Time (and measure the memory of) every runnable provider of ``op`` on every config and mode.
+
+    ``only`` restricts the providers (names ``op`` does not have are ignored); ``on_config(results, notes)`` is
+    called after each config, so that a caller can save partial results.
+    """
     from tqdm import tqdm
 
     module = OPS[op]
     available = module.providers(device)
     notes = [f"not run: {p} ({why})" for p, why in available.items() if why is not None]
-    if only is not None:
-        unknown = [p for p in only if p not in available]
-        if unknown:
-            raise ValueError(f"--providers: {op} has no provider {', '.join(unknown)} (it has {', '.join(available)})")
     runnable = [p for p, why in available.items() if why is None and (only is None or p in only)]
-    configs = module.configs(device, quick)
     results: list[harness.Result] = []
-    jobs = [(c, p, m) for c in configs for p in runnable for m in modes]
-    for config, provider, mode in tqdm(jobs, desc=op, unit="case", file=sys.stderr, leave=False):
-        result = harness.measure(op, config.name, provider, mode,
-                                 lambda: module.setup(config, provider, mode, device), device,
-                                 lambda ms: module.derived(config, mode, ms), **_timing(device, quick))
-        result.size, result.series = config.size, config.series
-        results.append(result)
+    timing = _timing(device, quick)
+    with tqdm(total=len(module.configs(device, quick)) * len(runnable) * len(modes), desc=op, unit="case",
+              file=sys.stderr, leave=False) as bar:
+        for config in module.configs(device, quick):
+            for provider in runnable:
+                for mode in modes:
+                    result = harness.measure(op, config.name, provider, mode,
+                                             lambda: module.setup(config, provider, mode, device), device,
+                                             lambda ms: module.derived(config, mode, ms), **timing)
+                    result.size, result.series = config.size, config.series
+                    results.append(result)
+                    bar.update()
+            if on_config is not None:
+                on_config(results, notes)
     if memory and device.type == "cpu":
         for provider in tqdm(runnable, desc=f"{op} memory", unit="provider", file=sys.stderr, leave=False):
             peaks = cpu_memory(op, provider, quick, modes)
@@ -161,7 +169,8 @@ def write_outputs(out: Path, stem: str, results: list[harness.Result], env: dict
     results.sort(key=lambda r: order.index(r.op) if r.op in order else len(order))
     env = {**env, "notes": notes}
     out.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"environment": env, "results": [dataclasses.asdict(r) for r in results]}, indent=2))
+    rows = [dataclasses.asdict(r) for r in results]
+    json_path.write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     md_path.write_text(harness.to_markdown(results, env, TITLE, notes))
     written = [json_path, md_path]
     if plots:
@@ -180,22 +189,25 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_memory_child(*args.memory_child, device, args.quick, args.modes)))
         return 0
     ops = args.op or list(OPS)
+    if args.providers is not None:
+        known = {p for op in ops for p in OPS[op].providers(device)}
+        unknown = [p for p in args.providers if p not in known]
+        if unknown:
+            ap.error(f"--providers: no provider {', '.join(unknown)} for {', '.join(ops)} "
+                     f"(known: {', '.join(sorted(known))})")
     env = harness.environment(device)
     if device.type == "cuda":
         env["ceilings"] = harness.ceilings(device)
     env["quick"] = args.quick
     stem = f"{device.type}-{env['date']}" + ("-quick" if args.quick else "")
-    all_results: list[harness.Result] = []
-    notes: dict[str, list[str]] = {}
     written: list[Path] = []
     for op in ops:
-        try:
-            results, notes[op] = run_op(op, device, args.quick, args.modes, args.providers, not args.no_memory)
-        except ValueError as exc:
-            ap.error(str(exc))
-        all_results += results
-        # Written after every op, so that a run stopped by a time limit keeps what it measured.
-        written = write_outputs(args.out, stem, results, env, {op: notes[op]}, not args.no_plots)
+        # Saved after every config (and with plots after every op), so that a run stopped by a time limit keeps
+        # what it measured.
+        def save(results, notes, plots=False, op=op):
+            return write_outputs(args.out, stem, results, env, {op: notes}, plots)
+        results, notes = run_op(op, device, args.quick, args.modes, args.providers, not args.no_memory, save)
+        written = save(results, notes, not args.no_plots)
         print(f"{op}: {sum(r.error is None for r in results)} measured, {sum(r.error is not None for r in results)} "
               f"failed ({datetime.datetime.now():%H:%M:%S})", file=sys.stderr)
     print(written[1].read_text())

@@ -18,9 +18,9 @@ matmul. ``--out DIR`` writes ``train_throughput-<device>-<date>.{json,md}``.
 ``--backends all`` (the default) is ``"reference"`` plus every backend that
 :func:`aimv2_kernels.available_backends` lists for all three ops on the device, except ``"triton"`` on the CPU
 (there it runs only through Triton's interpreter, a correctness tool: skipped, with a note) and ``"cuda"``
-unless ``AIMV2_BENCH_CUDA=1`` (``bench/gpu_check.sh`` sets it once the CUDA kernels passed their tests in the
-same run; a faulting kernel would poison the process's CUDA context). A backend or a compile that fails gives
-an error row; the run goes on.
+when ``AIMV2_BENCH_CUDA=0`` (``bench/gpu_check.sh`` sets it when the CUDA kernels failed their tests in the
+same run; a faulting kernel would poison the process's CUDA context), as in ``bench/run.py``. A backend or
+a compile that fails gives an error row; the run goes on.
 
 ``--profile`` instead runs ``--warmup`` (default 1) + ``--steps`` (default 3) eager steps of one backend (the
 first of ``--backends``, default ``auto``) under ``torch.profiler``, writes a Chrome trace
@@ -153,7 +153,7 @@ def select_backends(spec: str, device: torch.device) -> tuple[list[str], list[st
     """``(backends to run, notes on those left out)`` for ``--backends``.
 
     ``"all"``: ``"reference"`` plus the backends available for every op of the model on ``device``, without
-    ``"triton"`` on the CPU (interpreter only) and without ``"cuda"`` unless ``AIMV2_BENCH_CUDA=1``. A list
+    ``"triton"`` on the CPU (interpreter only) and without ``"cuda"`` when ``AIMV2_BENCH_CUDA=0``. A list
     names backends explicitly; ``"triton"`` on the CPU is still left out, with a note.
     """
     notes: list[str] = []
@@ -162,10 +162,9 @@ def select_backends(spec: str, device: torch.device) -> tuple[list[str], list[st
         chosen = ["reference"] + [b for b in common if b != "reference"]
         if device.type == "cpu" and "cpu" not in chosen:
             notes.append("cpu: skipped, the compiled extension aimv2_kernels._C is not built")
-        if device.type == "cuda" and "cuda" in chosen and os.environ.get("AIMV2_BENCH_CUDA") != "1":
+        if device.type == "cuda" and "cuda" in chosen and os.environ.get("AIMV2_BENCH_CUDA") == "0":
             chosen.remove("cuda")
-            notes.append("cuda: skipped, its kernels have not passed their GPU tests in this run "
-                         "(AIMV2_BENCH_CUDA=1 turns it on)")
+            notes.append("cuda: skipped, AIMV2_BENCH_CUDA=0: its kernels did not pass their GPU tests in this run")
     else:
         chosen = list(dict.fromkeys(spec.split(",")))
     if device.type == "cpu" and "triton" in chosen:
