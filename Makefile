@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 160
 
-.PHONY: demo test install venv clean bench-quick cuda-check bench-cpu
+.PHONY: demo test install venv clean bench bench-quick cuda-check bench-cpu
 
 $(PY):
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -44,6 +44,15 @@ test: install cuda-check
 bench-cpu: install
 	$(PIP) install -q -e ".[bench]" --no-build-isolation
 	$(PY) bench/cpu_check.py --out bench/results
+
+# Every op against its references and peers on this machine's device (CPU here: about 15 minutes on 2 cores):
+# bench/results/<device>-<date>.{json,md} and one PNG per op. bench-quick: tiny shapes, a smoke test (~2 min).
+bench: install
+	$(PIP) install -q -e ".[bench]" --no-build-isolation
+	$(PY) bench/run.py --out bench/results
+
+bench-quick: install
+	$(PY) bench/run.py --quick --out runs/bench-quick
 
 clean:
 	rm -rf build *.egg-info aimv2_kernels/_C*.so runs

@@ -81,6 +81,34 @@ class RecordShapes(TorchDispatchMode):
         return out
 
 
+class RecordOps(RecordShapes):
+    """RecordShapes that also records the name of every aten op."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def check_backward_fills_no_zeros(lce, device, reduction):
+    """fp32 "mean"/"sum" compute the gradients in the forward, so the backward only scales them: it must create
+    no zero-filled tensor. (Autograd would hand the backward zeros for every output that gets no gradient, the
+    (V, D) weight gradient among them, unless the op turns that off.)"""
+    n, d, v = 24, 16, 40
+    hidden = torch.randn(n, d, device=device, requires_grad=True)
+    weight = torch.randn(v, d, device=device, requires_grad=True)
+    loss = lce(hidden, weight, torch.randint(0, v, (n,), device=device), reduction=reduction)
+    mode = RecordOps()
+    with mode:
+        loss.backward()
+    assert hidden.grad is not None and weight.grad is not None
+    fills = [name for name in mode.names if "zero" in name or "fill" in name]
+    assert not fills, fills
+
+
 def check_never_holds_full_logits(lce, device, reduction, dtype=torch.float32):
     """No tensor of N x V elements exists, forward or backward; the (chunk, V) buffer does."""
     n, d, v, chunk = 40, 32, 50, 8  # N*V = 2000 > V*D = 1600

@@ -11,7 +11,8 @@ import aimv2_kernels
 from aimv2_kernels._backend import extension_available, load_extension
 from aimv2_kernels.reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
 from ce_cases import (
-    check as _check, check_compile_fullgraph, check_empty_inputs, check_never_holds_full_logits,
+    check as _check, check_backward_fills_no_zeros, check_compile_fullgraph, check_empty_inputs,
+    check_never_holds_full_logits,
     check_partial_requires_grad, run as _run, targets_with_ignored as _targets, upstream as _upstream)
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="aimv2_kernels._C is not built")
@@ -299,6 +300,11 @@ def test_linear_cross_entropy_partial_requires_grad(reduction):
 def test_linear_cross_entropy_never_holds_full_logits(reduction, dtype):
     """Neither fp32 (gradients computed in the forward) nor bf16 (recomputed in the backward) holds N x V."""
     check_never_holds_full_logits(linear_cross_entropy_cpu, "cpu", reduction, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_backward_fills_no_zeros(reduction):
+    check_backward_fills_no_zeros(linear_cross_entropy_cpu, "cpu", reduction)
 
 
 def test_empty_inputs():

@@ -171,6 +171,9 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(hidden, weight, targets, bias, output[1])
     ctx.flags = tuple(flags)
     ctx.mark_non_differentiable(*output[1:])
+    # Outputs 1: (the lse and the gradients) never get a gradient; without this, autograd would hand the
+    # backward zero-filled tensors of their shapes, among them a (V, D) fp32 one, on every step.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused):

@@ -152,6 +152,9 @@ def _setup_context(ctx, inputs, output):
     else:  # the gradients are already computed: keep them
         ctx.save_for_backward(*output[2:])
     ctx.mark_non_differentiable(*output[1:])
+    # Outputs 1: (the lse and the gradients) never get a gradient; without this, autograd would hand the
+    # backward zero-filled tensors of their shapes, among them a (V, D) fp32 one, on every step.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused):
