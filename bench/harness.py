@@ -35,6 +35,18 @@ class Result:
     series: str = ""  # configs of one sweep share a series; "" = not part of a plotted sweep
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else ``platform.processor()``, else "cpu"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def environment(device: torch.device) -> dict:
     info = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "device": str(device)}
@@ -47,7 +59,7 @@ def environment(device: torch.device) -> dict:
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     else:
-        info["device_name"] = platform.processor() or "cpu"
+        info["device_name"] = cpu_model()
         info["threads"] = torch.get_num_threads()
     return info
 
