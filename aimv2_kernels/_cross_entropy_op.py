@@ -29,6 +29,25 @@ def grad_scale(grad_loss: torch.Tensor, reduction: str, targets: torch.Tensor, i
     return g / mean_scale(targets, ignore_index)[0] if reduction == "mean" else g
 
 
+def scaled(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x * g`` computed in fp32 (``g``: an fp32 tensor of rank >= 1) and rounded once to ``dtype``."""
+    return torch.mul(x, g, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+
+
+def scale_saved_gradient(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`scaled` for a gradient the forward computed and saved, in the backward that uses it last.
+
+    When ``x`` already has ``dtype`` and the autograd graph is not kept (no ``retain_graph``: the saved tensor is
+    freed after this backward), ``x`` is scaled in place and returned, so that no second tensor of its size (the
+    ``(V, D)`` weight gradient) is allocated. With the graph kept, or while traced (``torch.compile``, AOT
+    tracing: ``x`` is then a tensor subclass, fake or functional), a new tensor.
+    """
+    if (x.dtype == dtype and type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._autograd._get_current_graph_task_keep_graph()):
+        return x.mul_(g)
+    return scaled(x, g, dtype)
+
+
 # forward(logits, targets, ignore_index, label_smoothing, z_loss) -> (rows, lse): fp32 (N,) per-row losses (0 where
 # ignored) and the (N,) row logsumexp in ``lse_dtype``.
 # gradient(logits, targets, lse, ignore_index, label_smoothing, z_loss, scale) -> d rows / d logits times ``scale``

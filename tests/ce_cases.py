@@ -93,20 +93,30 @@ class RecordOps(RecordShapes):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-def check_backward_fills_no_zeros(lce, device, reduction):
-    """fp32 "mean"/"sum" compute the gradients in the forward, so the backward only scales them: it must create
-    no zero-filled tensor. (Autograd would hand the backward zeros for every output that gets no gradient, the
-    (V, D) weight gradient among them, unless the op turns that off.)"""
+def check_backward_only_scales(lce, device, reduction):
+    """fp32 "mean"/"sum" compute the gradients in the forward, so the backward only scales them. It creates no
+    zero-filled tensor (autograd would hand it zeros for every output that gets no gradient, the (V, D) weight
+    gradient among them, unless the op turns that off) and, when the graph is not kept, no new tensor either: it
+    scales the saved gradients in place. With ``retain_graph`` the saved gradients are left alone: each replay
+    gives the first backward's gradients exactly (their values against the oracle are checked elsewhere)."""
     n, d, v = 24, 16, 40
     hidden = torch.randn(n, d, device=device, requires_grad=True)
     weight = torch.randn(v, d, device=device, requires_grad=True)
-    loss = lce(hidden, weight, torch.randint(0, v, (n,), device=device), reduction=reduction)
+    targets = torch.randint(0, v, (n,), device=device)
+    loss = lce(hidden, weight, targets, reduction=reduction)
     mode = RecordOps()
     with mode:
-        loss.backward()
-    assert hidden.grad is not None and weight.grad is not None
-    fills = [name for name in mode.names if "zero" in name or "fill" in name]
-    assert not fills, fills
+        (2.5 * loss).backward()
+    made = [name for name in mode.names if any(k in name for k in ("zero", "fill", "empty", "clone", "copy"))]
+    assert not made, made
+    assert mode.names.count("aten::mul_") == 2, mode.names
+    expected = [x.grad for x in (hidden, weight)]
+    loss = lce(hidden, weight, targets, reduction=reduction)
+    for _ in range(2):  # the graph is kept: the saved gradients must not be scaled in place
+        hidden.grad = weight.grad = None
+        (2.5 * loss).backward(retain_graph=True)
+        for x, g in zip((hidden, weight), expected):
+            torch.testing.assert_close(x.grad, g, rtol=0, atol=0)
 
 
 def check_never_holds_full_logits(lce, device, reduction, dtype=torch.float32):

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._alloc import new_output
-from .._cross_entropy_op import mean_scale, reduce_rows
+from .._cross_entropy_op import mean_scale, reduce_rows, scale_saved_gradient
 from .cross_entropy import ce_rows
 
 # Logits elements per chunk. A chunk's ``(rows, V)`` logits buffer, in the input dtype, is the only V-sized
@@ -18,11 +18,6 @@ def chunk_rows(n_tokens: int, vocab: int, chunk_size: Optional[int] = None) -> i
     """Tokens per chunk: ``chunk_size``, else ``CHUNK_ELEMENTS // vocab``; clipped to ``[1, n_tokens]``."""
     rows = chunk_size if chunk_size is not None else CHUNK_ELEMENTS // vocab
     return max(1, min(n_tokens, rows))
-
-
-def scaled(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x * g`` computed in fp32 (``g``: an fp32 tensor of rank >= 1) and rounded once to ``dtype``."""
-    return torch.mul(x, g, out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
 
 def run_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
@@ -168,7 +163,8 @@ def _backward(ctx, grad_loss, *_unused):
             raise RuntimeError("aimv2::triton_linear_cross_entropy: a gradient was needed but not computed in the "
                                "forward (pass grad_hidden/grad_weight/grad_bias=True)")
         g = grad_loss.float().reshape(1)  # rank 1, so that the product is computed in fp32
-        grads = [scaled(x, g, ctx.dtype) if need else None for x, need in zip(ctx.saved_tensors, needs)]
+        grads = [scale_saved_gradient(x, g, ctx.dtype) if need else None
+                 for x, need in zip(ctx.saved_tensors, needs)]
     gh, gw, gb = (x if need else None for x, need in zip(grads, needs))
     return gh, gw, None, gb, None, None, None, None, None, None, None, None
 
