@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("AIMV2_CHECK_VALUES", "0")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
@@ -185,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     device = _device(ap, args.device)
+    # Set here, not at import: tests import this module, and the value checks must stay on for them.
+    os.environ.setdefault("AIMV2_CHECK_VALUES", "0")
     if args.memory_child:
         print(json.dumps(_memory_child(*args.memory_child, device, args.quick, args.modes)))
         return 0

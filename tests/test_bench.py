@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
+CHECK_VALUES = os.environ.get("AIMV2_CHECK_VALUES")
 import harness  # noqa: E402
 import run  # noqa: E402
 
@@ -101,6 +102,11 @@ def test_pytest_benchmark_file_runs_every_case_once():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def test_importing_the_harness_leaves_the_value_checks_on():
+    """bench/run.py turns the ops' value checks off in its own runs only, not in a process that imports it."""
+    assert os.environ.get("AIMV2_CHECK_VALUES") == CHECK_VALUES
 
 
 def test_make_step_modes_and_bad_mode():
