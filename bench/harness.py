@@ -323,11 +323,13 @@ def plot(results: list[Result], env: dict, path: Path, op: str, mode: str = "fwd
     return path
 
 
-def write(results: list[Result], env: dict, out_dir: Path, stem: str, title: str) -> tuple[Path, Path]:
+def write(results: list[Result], env: dict, out_dir: Path, stem: str, title: str,
+          notes: dict[str, list[str]] | None = None) -> tuple[Path, Path]:
+    """``out_dir/<stem>.json`` (environment and rows) and ``out_dir/<stem>.md`` (:func:`to_markdown`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps({"environment": env, "results": [asdict(r) for r in results]}, indent=2))
-    md_path.write_text(to_markdown(results, env, title))
+    md_path.write_text(to_markdown(results, env, title, notes))
     return json_path, md_path
 
 

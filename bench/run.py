@@ -20,7 +20,6 @@ measured for each (op, provider) in a fresh subprocess. Argument value checks ar
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -158,7 +157,7 @@ def run_op(op: str, device: torch.device, quick: bool, modes: list[str], only: l
 def write_outputs(out: Path, stem: str, results: list[harness.Result], env: dict, notes: dict[str, list[str]],
                   plots: bool) -> list[Path]:
     """Merge with an existing ``stem`` file (rows of ops not run now are kept), write JSON, markdown and plots."""
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    json_path = out / f"{stem}.json"
     ran = {r.op for r in results}
     if json_path.exists():
         old, old_env = harness.load(json_path)
@@ -166,12 +165,7 @@ def write_outputs(out: Path, stem: str, results: list[harness.Result], env: dict
         notes = {**{k: v for k, v in old_env.get("notes", {}).items() if k not in ran}, **notes}
     order = list(OPS)
     results.sort(key=lambda r: order.index(r.op) if r.op in order else len(order))
-    env = {**env, "notes": notes}
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [dataclasses.asdict(r) for r in results]
-    json_path.write_text(json.dumps({"environment": env, "results": rows}, indent=2))
-    md_path.write_text(harness.to_markdown(results, env, TITLE, notes))
-    written = [json_path, md_path]
+    written = list(harness.write(results, {**env, "notes": notes}, out, stem, TITLE, notes))
     if plots:
         for op in dict.fromkeys(r.op for r in results):
             png = harness.plot(results, env, out / f"{stem}-{op}.png", op)
