@@ -98,6 +98,20 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, *, device=None, dtype=t
     return torch.cat([encode(cols), encode(rows)], dim=1).to(dtype)
 
 
+def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a learned position embedding ``(1, gh*gw, D)`` (raster order) to ``new_grid`` bicubically on its
+    2-D grid (``align_corners=False``, as timm does); returns ``(1, nh*nw, D)`` in the input's dtype."""
+    (gh, gw), (nh, nw) = old_grid, new_grid
+    if pos_embed.dim() != 3 or pos_embed.shape[1] != gh * gw:
+        raise ValueError(f"pos_embed must have shape (1, {gh * gw}, D), got {tuple(pos_embed.shape)}")
+    if (gh, gw) == (nh, nw):
+        return pos_embed
+    d = pos_embed.shape[-1]
+    grid = pos_embed.float().reshape(1, gh, gw, d).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(pos_embed.dtype)
+
+
 def fan_in_trunc_normal_(weight: torch.Tensor, scale: float) -> torch.Tensor:
     """Variance-scaling init (fan-in, truncated normal at 2 std), as the official heads use."""
     fan_in = weight.shape[1]

@@ -9,7 +9,7 @@ import torch.nn as nn
 from aimv2_kernels import linear_cross_entropy, patch_mse_loss
 
 from .config import AIMv2Config, DecoderConfig, EncoderConfig
-from .layers import Transformer, fan_in_trunc_normal_, sincos_pos_embed
+from .layers import Transformer, fan_in_trunc_normal_, resize_pos_embed, sincos_pos_embed
 
 
 class PatchEmbed(nn.Module):
@@ -38,10 +38,13 @@ class ViTPreprocessor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patchifier(images)
-        if self.pos_embed is not None:
-            return x + self.pos_embed
         p = self.cfg.patch_size
-        pos = sincos_pos_embed(images.shape[-2] // p, images.shape[-1] // p, self.cfg.dim, device=x.device)
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        if self.pos_embed is not None:
+            g = self.cfg.grid_size
+            # Another resolution: the learned [1, g*g, D] table is resized bicubically on its 2-D grid.
+            return x + (self.pos_embed if grid == (g, g) else resize_pos_embed(self.pos_embed, (g, g), grid))
+        pos = sincos_pos_embed(*grid, self.cfg.dim, device=x.device)
         return x + pos.to(x.dtype)
 
     @torch.no_grad()
@@ -63,7 +66,10 @@ class AIMv2Encoder(nn.Module):
         self.trunk = Transformer(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, backend)
 
     def forward(self, images: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """``images (B, C, H, W)`` float -> features ``(B, N, D)`` after the final RMSNorm.
+        """``images (B, C, H, W)`` float -> features ``(B, N, D)`` after the final RMSNorm, ``N = (H/p)(W/p)``.
+
+        Any multiple of the patch size works: a learned position embedding is resized bicubically on its 2-D
+        grid when the image is not ``image_size`` square; the sin-cos one is computed for the grid.
 
         ``prefix_lens`` (int ``(B,)``) applies AIMv2's pre-training prefix attention (query i sees key j iff
         ``j <= i`` or ``j < prefix_lens[b]``); None gives bidirectional attention, as at inference.
@@ -71,17 +77,22 @@ class AIMv2Encoder(nn.Module):
         c = self.cfg
         if images.dim() != 4 or images.shape[1] != c.in_chans:
             raise ValueError(f"images must have shape (B, {c.in_chans}, H, W), got {tuple(images.shape)}")
-        if c.pos_embed == "learned" and tuple(images.shape[-2:]) != (c.image_size, c.image_size):
-            raise ValueError(f"images must be {c.image_size}x{c.image_size} for a learned position embedding, "
-                             f"got {images.shape[-2]}x{images.shape[-1]}")
         if images.shape[-2] % c.patch_size or images.shape[-1] % c.patch_size:
-            raise ValueError(f"image sides must be multiples of {c.patch_size}, got {tuple(images.shape[-2:])}")
+            raise ValueError(f"images must have sides that are multiples of {c.patch_size}, "
+                             f"got {tuple(images.shape[-2:])}")
         x = self.preprocessor(images)
         return self.trunk(x, prefix_lens, causal=prefix_lens is not None)
 
     def init_weights(self) -> None:
         self.trunk.init_weights()
         self.preprocessor.init_weights()
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "AIMv2Encoder":
+        """Load released weights from a folder (``config.json`` + ``model.safetensors``) in transformers'
+        ``Aimv2VisionModel`` layout, Apple's original layout or timm's; see :func:`aimv2.pretrained.load_encoder`."""
+        from .pretrained import load_encoder
+        return load_encoder(path, **kwargs)
 
 
 class AIMv2Decoder(nn.Module):
@@ -139,10 +150,10 @@ class AIMv2(nn.Module):
         self.encoder.init_weights()
         self.decoder.init_weights()
 
-    def sample_prefix_lens(self, batch: int, device: torch.device,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
-        """Per-sample prefix lengths, uniform in ``{1, ..., N-1}`` (int64 ``(B,)``)."""
-        n = self.cfg.encoder.num_patches
+    def sample_prefix_lens(self, batch: int, device: torch.device, generator: torch.Generator | None = None,
+                           num_patches: int | None = None) -> torch.Tensor:
+        """Per-sample prefix lengths, uniform in ``{1, ..., N-1}`` (int64 ``(B,)``); N defaults to the preset's."""
+        n = self.cfg.encoder.num_patches if num_patches is None else num_patches
         return torch.randint(1, n, (batch,), device=device, generator=generator)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
@@ -161,9 +172,9 @@ class AIMv2(nn.Module):
             raise ValueError(f"tokens must have shape (B, {dec.context_length}), got {tuple(tokens.shape)}")
         if tokens.shape[0] != images.shape[0]:
             raise ValueError(f"tokens has batch {tokens.shape[0]} but images has batch {images.shape[0]}")
+        n, t = (images.shape[-2] // enc.patch_size) * (images.shape[-1] // enc.patch_size), dec.context_length
         if prefix_lens is None and self.training:
-            prefix_lens = self.sample_prefix_lens(images.shape[0], images.device)
-        n, t = enc.num_patches, dec.context_length
+            prefix_lens = self.sample_prefix_lens(images.shape[0], images.device, num_patches=n)
         hidden = self.decoder(self.encoder(images, prefix_lens), tokens)  # (B, N + 1 + T, dim)
         # Image position i predicts patch i + 1; the last image position has no target.
         pred = self.decoder.pixel_head(hidden[:, : n - 1])

@@ -191,9 +191,28 @@ def test_native_encoder_runs_at_other_resolutions():
     assert enc(torch.randn(1, 3, 42, 70)).shape == (1, 15, cfg.dim)
 
 
+def test_learned_pos_embed_is_resized_bicubically(tiny):
+    """Another resolution resizes the learned table on its 2-D grid; the native grid uses it unchanged."""
+    from aimv2.layers import resize_pos_embed
+    pos = tiny.encoder.preprocessor.pos_embed  # (1, 16, D): a 4x4 grid at 56 px
+    assert resize_pos_embed(pos, (4, 4), (4, 4)) is pos
+    big = resize_pos_embed(pos, (4, 4), (5, 7))
+    grid = pos.detach().reshape(1, 4, 4, -1).permute(0, 3, 1, 2).double()
+    want = torch.nn.functional.interpolate(grid, size=(5, 7), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(big.detach().double(), want.permute(0, 2, 3, 1).reshape(1, 35, -1),
+                               rtol=0, atol=1e-6)
+    # a constant table stays constant (bicubic weights sum to one)
+    const = torch.full((1, 16, 3), 0.7)
+    torch.testing.assert_close(resize_pos_embed(const, (4, 4), (6, 6)), torch.full((1, 36, 3), 0.7))
+    tiny.eval()
+    assert tiny.encoder(torch.randn(2, 3, 70, 98)).shape == (2, 35, tiny.cfg.encoder.dim)
+    with pytest.raises(ValueError, match="pos_embed"):
+        resize_pos_embed(pos, (3, 3), (4, 4))
+
+
 def test_encoder_rejects_bad_images(tiny):
     with pytest.raises(ValueError, match="images"):
-        tiny.encoder(torch.randn(1, 3, 70, 70))
+        tiny.encoder(torch.randn(1, 3, 71, 71))
     with pytest.raises(ValueError, match="images"):
         tiny.encoder(torch.randn(1, 1, 56, 56))
     with pytest.raises(ValueError, match="tokens"):
