@@ -115,3 +115,35 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
         raise CheckpointError(f"checkpoint {path} does not fit this model ({'; '.join(p for p in parts if p)})")
     model.load_state_dict(tensors, strict=True)
     return state
+
+
+def load_encoder(path: str | Path, *, backend: str = "auto", preset: str | None = None):
+    """The trained encoder of a training checkpoint, in eval mode on the CPU.
+
+    Args:
+        path: a run folder, its ``checkpoints`` folder or one ``step_*`` checkpoint (the newest is taken).
+        backend: op backend of the returned encoder.
+        preset: when given, the checkpoint must be of this preset; otherwise CheckpointError names both.
+    Returns:
+        ``(encoder, model_config)``: an :class:`aimv2.model.AIMv2Encoder` and the checkpoint's
+        :class:`aimv2.config.AIMv2Config`.
+    """
+    import dataclasses
+
+    from .config import AIMv2Config
+    from .model import AIMv2
+
+    ckpt = find_checkpoint(Path(path))
+    state_file = ckpt / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {STATE_FILE} is missing")
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    cfg = AIMv2Config.from_dict(state["model_config"])
+    if preset is not None and cfg.name != preset:
+        raise CheckpointError(f"checkpoint {ckpt} is from preset {cfg.name!r}, not {preset!r}")
+    cfg = dataclasses.replace(cfg, backend=backend)
+    with torch.device("meta"):
+        model = AIMv2(cfg)
+    model = model.to_empty(device="cpu")
+    load_checkpoint(ckpt, model)
+    return model.encoder.eval(), cfg
