@@ -1,8 +1,11 @@
-"""``aimv2-train``: pre-train AIMv2 (encoder + decoder) on one device, with exact resume.
+"""``aimv2-train``: pre-train AIMv2 (encoder + decoder) on one device or many, with exact resume.
 
-Example: ``aimv2-train --preset aimv2-demo --out runs/demo`` trains on the bundled shapes data on a CPU.
-Writes ``OUT/metrics.jsonl`` (one JSON object per logged step), ``OUT/checkpoints/step_*`` and, at the end,
-``OUT/loss.png``.
+One process: ``aimv2-train --preset aimv2-demo --out runs/demo`` trains on the bundled shapes data (CPU works).
+Many: ``torchrun --nproc-per-node 8 -m aimv2.train --preset aimv2-large-patch14-224 --data /shards
+--batch-size 8192`` shards the model with FSDP2 (bf16 parameters and fp32 gradient reduction on a GPU; gloo
+on a CPU) and each rank reads its slice of every global batch. ``--batch-size`` is always the global batch.
+Writes ``OUT/metrics.jsonl`` (one JSON object per logged step), ``OUT/checkpoints/step_*`` (DCP, resumable on
+any world size), ``OUT/skipped.json`` (unreadable samples, if any) and, at the end, ``OUT/loss.png``.
 """
 from __future__ import annotations
 
@@ -10,18 +13,22 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from aimv2_kernels import BACKENDS
 
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import PRESETS, AIMv2Config
 from .model import AIMv2
+
+NORMALIZATIONS = ("imagenet", "clip")
 
 
 @dataclass
@@ -30,7 +37,7 @@ class TrainConfig:
     preset: str = "aimv2-demo"
     out: str = "runs/demo"
     steps: int = 300
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch: images per optimizer step over all ranks
     lr: float | None = None  # peak LR; None: the preset's (1e-3 L, 8e-4 H/1B, 4e-4 3B)
     warmup_steps: int | None = None  # None: 10% of steps (the paper: 12.5k of 1.5M)
     init_lr: float = 1e-6  # warm-up starts here
@@ -40,7 +47,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     device: str | None = None  # None: cuda when available, else cpu
     backend: str = "auto"
-    data: str = "shapes"
+    data: str = "shapes"  # "shapes" (bundled) or a path: webdataset shards, a folder, a CSV or a JSONL file
+    normalize: str = "imagenet"  # or "clip"
+    augment: bool | None = None  # RandomResizedCrop + flip; None: on for real data, off for shapes
+    workers: int | None = None  # DataLoader workers per rank; None: 4 on a GPU, 0 on a CPU
+    native_resolution: bool = False  # per-batch patch budgets 2^n, sin-cos positions (the paper's section 2.4)
+    native_budgets: tuple[int, int] = (7, 12)  # n in [lo, hi]
     tokenizer: str = "bytes"
     seed: int = 0
     log_every: int = 10
@@ -87,17 +99,70 @@ def _resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def init_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``. Under ``torchrun`` with ``WORLD_SIZE > 1`` this initialises the default
+    process group (NCCL on GPUs, one per ``LOCAL_RANK``; gloo on CPUs); otherwise it is a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, _resolve_device(device_name)
+    device = _resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard_model(model: AIMv2, device: torch.device, world_size: int) -> AIMv2:
+    """FSDP2: ``fully_shard`` every encoder and decoder block, then the root (embeddings, heads, norms).
+
+    On a GPU the mixed-precision policy computes in bf16 parameters and reduces gradients in fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    kwargs = {"mesh": mesh}
+    if device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for trunk in (model.encoder.trunk, model.decoder.trunk):
+        for block in trunk.blocks:
+            fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _global_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
 class Trainer:
-    """Builds the model, data, optimizer and schedule from a :class:`TrainConfig`, and runs steps."""
+    """Builds the model, data, optimizer and schedule from a :class:`TrainConfig`, and runs steps.
+
+    Under ``torchrun`` the model is FSDP2-sharded and each rank takes its slice of every global batch. The
+    loss each rank back-propagates is its share of the *global* means (its image and text losses weighted by
+    its counted patches and tokens over the global counts, times the world size, which FSDP's mean reduction
+    divides out), so W ranks compute the same update as one process with the whole batch.
+    """
 
     def __init__(self, cfg: TrainConfig):
-        from .data import BatchLoader, build_dataset
+        from .data import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize, build_dataset
+        from .loader import TrainLoader
         from .tokenizer import build_tokenizer
 
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.device = _resolve_device(cfg.device)
+        if cfg.normalize not in NORMALIZATIONS:
+            raise ValueError(f"--normalize must be one of {NORMALIZATIONS}, got {cfg.normalize!r}")
+        self.rank, self.world_size, self.device = init_distributed(cfg.device)
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the world size {self.world_size}")
         self.model_cfg = AIMv2Config.from_name(cfg.preset, backend=cfg.backend)
+        if cfg.native_resolution and self.model_cfg.encoder.pos_embed != "sincos":
+            self.model_cfg.encoder = dataclasses.replace(self.model_cfg.encoder, pos_embed="sincos")
         dec = self.model_cfg.decoder
         self.tokenizer = build_tokenizer(cfg.tokenizer, context_length=dec.context_length)
         if self.tokenizer.vocab_size > dec.vocab_size:
@@ -105,69 +170,140 @@ class Trainer:
                              f"{cfg.preset} has a vocabulary of {dec.vocab_size}")
         if self.tokenizer.pad_id != dec.pad_id:
             self.model_cfg.decoder.pad_id = self.tokenizer.pad_id
+        enc = self.model_cfg.encoder
+        if cfg.data == "shapes":
+            source = build_dataset("shapes", split="train", image_size=enc.image_size, seed=cfg.seed)
+            augment = bool(cfg.augment)  # the captions name positions: a flip or a crop would make them wrong
+        else:
+            from .sources import open_source
+            source = open_source(cfg.data)
+            augment = cfg.augment is None or cfg.augment
+        transform = None
+        if hasattr(source, "raw") and not augment:
+            from .sources import EvalTransform
+            transform = EvalTransform(enc.image_size)
+            transform = _ignore_rng(transform)
+        stats = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
+        workers = cfg.workers if cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
+        self.loader = TrainLoader(source, self.tokenizer, cfg.batch_size, image_size=enc.image_size,
+                                  patch_size=enc.patch_size, seed=cfg.seed, rank=self.rank,
+                                  world_size=self.world_size, num_workers=workers, normalize=Normalize(*stats),
+                                  transform=transform,
+                                  native_budgets=tuple(cfg.native_budgets) if cfg.native_resolution else None)
+        self.batches = self.loader
         torch.manual_seed(cfg.seed)
         self.model = AIMv2(self.model_cfg).to(self.device)
+        if self.world_size > 1:
+            self.model = shard_model(self.model, self.device, self.world_size)
         self.peak_lr = cfg.lr if cfg.lr is not None else self.model_cfg.peak_lr
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay / self.peak_lr),
                                            lr=self.peak_lr, betas=cfg.betas, eps=1e-8)
-        dataset = build_dataset(cfg.data, split="train", image_size=self.model_cfg.encoder.image_size,
-                                seed=cfg.seed)
-        self.loader = BatchLoader(dataset, self.tokenizer, cfg.batch_size, seed=cfg.seed)
-        self.batches = iter(self.loader)
         self.step = 0  # completed optimizer steps
 
     # -- state -----------------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-                "rng": rng_state(), "train_config": dataclasses.asdict(self.cfg),
-                "model_config": self.model_cfg.to_dict()}
+        return {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.world_size,
+                "train_config": dataclasses.asdict(self.cfg), "model_config": self.model_cfg.to_dict()}
 
     def save(self) -> Path:
-        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.state(),
+        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.state(),
                                keep=self.cfg.keep_checkpoints)
 
     def resume(self, where: str) -> Path:
+        from .checkpoint import read_state
+
         path = find_checkpoint(self.out if where == "latest" else Path(where))
-        state = load_checkpoint(path, self.model)
-        saved = state.get("model_config", {})
+        saved = read_state(path).get("model_config", {})
         if saved.get("name") != self.model_cfg.name:
             raise CheckpointError(f"checkpoint {path} is from preset {saved.get('name')!r}, "
                                   f"not {self.model_cfg.name!r}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        mine = self.model_cfg.to_dict()
+        differ = [f"{part}.{k}: {saved[part][k]!r} in the checkpoint vs {mine[part][k]!r}"
+                  for part in ("encoder", "decoder") for k in mine[part]
+                  if k in saved.get(part, {}) and saved[part][k] != mine[part][k]]
+        if differ:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {'; '.join(differ)}")
+        state = load_checkpoint(path, self.model, self.optimizer)
         self.loader.load_state_dict(state["loader"])
-        self.batches = iter(self.loader)
-        set_rng_state(state["rng"])
         self.step = int(state["step"])
         return path
 
     # -- training --------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
-        """One optimizer step on the next batch; returns the step's metrics (host-side floats)."""
+        """One optimizer step on the next batch; returns the step's metrics (host-side floats, global means)."""
         batch = next(self.batches)
         images = batch.images.to(self.device, non_blocking=True)
         tokens = batch.tokens.to(self.device, non_blocking=True)
+        prefix = getattr(batch, "prefix_lens", None)
+        prefix = prefix.to(self.device, non_blocking=True) if prefix is not None else None
         lr = lr_at(self.step, self.cfg, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.model(images, tokens)
-        out.loss.backward()
+            out = self.model(images, tokens, prefix)
+        if self.world_size > 1:
+            p = self.model_cfg.encoder.patch_size
+            n = (images.shape[-2] // p) * (images.shape[-1] // p)
+            local = torch.stack([(n - out.prefix_lens.clamp(min=1)).sum().double(),
+                                 (tokens != self.model_cfg.decoder.pad_id).sum().double()])
+            total = _global_sum(local.clone())
+            share_img, share_txt = (local[0] / total[0]).float(), (local[1] / total[1]).float()
+            loss_img, loss_txt = out.loss_img * share_img, out.loss_txt * share_txt
+            loss = (loss_txt + self.model_cfg.img_loss_weight * loss_img) * self.world_size
+            logged = _global_sum(torch.stack([loss_img.detach(), loss_txt.detach()]).float())
+            loss_img_v, loss_txt_v = logged[0].item(), logged[1].item()
+            loss_v = loss_txt_v + self.model_cfg.img_loss_weight * loss_img_v
+        else:
+            loss = out.loss
+            loss_v, loss_img_v, loss_txt_v = out.loss.item(), out.loss_img.item(), out.loss_txt.item()
+        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"step": self.step, "loss": out.loss.item(), "loss_img": out.loss_img.item(),
-                "loss_txt": out.loss_txt.item(), "lr": lr, "grad_norm": float(grad_norm)}
+        return {"step": self.step, "loss": loss_v, "loss_img": loss_img_v, "loss_txt": loss_txt_v, "lr": lr,
+                "grad_norm": float(grad_norm), "images": int(getattr(batch, "global_size", images.shape[0])),
+                "patches": int(images.shape[-2] * images.shape[-1] // self.model_cfg.encoder.patch_size ** 2)}
+
+    def skipped_report(self) -> list[tuple[str, str]]:
+        """Every (key, reason) skipped by the data on all ranks (a collective when distributed)."""
+        mine = list(getattr(self.loader, "skipped", []))
+        if self.world_size > 1:
+            gathered: list = [None] * self.world_size
+            dist.all_gather_object(gathered, mine)
+            return [item for part in gathered for item in part]
+        return mine
+
+
+class _ignore_rng:
+    """Adapts an evaluation transform ``t(img)`` to the loader's ``t(img, rng)``."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, rng):
+        return self.transform(image)
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop logged steps after the checkpoint so the file holds one record per step."""
+    """On resume, keep one record per step up to the checkpoint's; drop later steps and any line cut short
+    by a kill in the middle of a write."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            keep.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
@@ -195,54 +331,79 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train for ``cfg.steps`` steps (continuing from a checkpoint when ``cfg.resume``); return a summary."""
+    """Train for ``cfg.steps`` steps (continuing from a checkpoint when ``cfg.resume``); return a summary.
+
+    Under ``torchrun`` every rank calls this; only rank 0 writes metrics, plots and prints.
+    """
     from tqdm.auto import tqdm
 
     try:
         trainer = Trainer(cfg)
     except (ValueError, FileNotFoundError, ImportError) as exc:
-        raise UsageError(str(exc)) from exc
-    trainer.out.mkdir(parents=True, exist_ok=True)
+        raise UsageError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from exc
+    lead = trainer.rank == 0
     metrics_path = trainer.out / "metrics.jsonl"
+    if lead:
+        trainer.out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         path = trainer.resume(cfg.resume)
-        _trim_metrics(metrics_path, trainer.step)
-        print(f"resumed from {path} at step {trainer.step}", file=sys.stderr)
-    elif metrics_path.exists():
+        if lead:
+            _trim_metrics(metrics_path, trainer.step)
+            print(f"resumed from {path} at step {trainer.step}", file=sys.stderr)
+    elif lead and metrics_path.exists():
         metrics_path.unlink()
-    (trainer.out / "config.json").write_text(json.dumps(
-        {"train": dataclasses.asdict(cfg), "model": trainer.model_cfg.to_dict()}, indent=2))
+    if lead:
+        (trainer.out / "config.json").write_text(json.dumps(
+            {"train": dataclasses.asdict(cfg), "model": trainer.model_cfg.to_dict(),
+             "world_size": trainer.world_size}, indent=2))
 
     first = last = None
     # disable=None: no bar when stderr is not a terminal (CI logs); --no-progress turns it off everywhere.
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=None if cfg.progress else True, unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=None if cfg.progress and lead else True,
+               unit="step", dynamic_ncols=True)
     window_start, window_images = time.perf_counter(), 0
-    with open(metrics_path, "a") as log:
+    log = open(metrics_path, "a") if lead else None
+    try:
         while trainer.step < cfg.steps:
             m = trainer.train_step()
-            window_images += cfg.batch_size
+            window_images += m["images"]
             if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
                 now = time.perf_counter()
                 m["images_per_s"] = window_images / max(now - window_start, 1e-9)
                 window_start, window_images = now, 0
-                log.write(json.dumps(m) + "\n")
-                log.flush()
+                if lead:
+                    log.write(json.dumps(m) + "\n")
+                    log.flush()
                 first = first or m
                 last = m
                 bar.set_postfix(loss=f"{m['loss']:.3f}", img=f"{m['loss_img']:.3f}", txt=f"{m['loss_txt']:.3f}",
                                 ips=f"{m['images_per_s']:.0f}")
-                if bar.disable and cfg.progress:  # not a terminal: one plain line per logged step instead
+                if lead and bar.disable and cfg.progress:  # not a terminal: one plain line per logged step
                     print(f"step {m['step']}/{cfg.steps}  loss {m['loss']:.4f}  img {m['loss_img']:.4f}  "
                           f"txt {m['loss_txt']:.4f}  lr {m['lr']:.2e}  {m['images_per_s']:.1f} img/s",
                           file=sys.stderr, flush=True)
             if trainer.step % cfg.ckpt_every == 0 or trainer.step == cfg.steps:
                 trainer.save()
             bar.update(1)
-    bar.close()
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        trainer.loader.close()
+    skipped = trainer.skipped_report()
+    skipped_path = None
+    if lead and skipped:
+        skipped_path = trainer.out / "skipped.json"
+        skipped_path.write_text(json.dumps([{"key": k, "reason": r} for k, r in skipped], indent=1))
+        distinct = len({k for k, _ in skipped})
+        examples = "; ".join(f"{k}: {r}" for k, r in skipped[:3])
+        print(f"data: skipped {len(skipped)} unreadable samples ({distinct} distinct), replaced by others; "
+              f"e.g. {examples}; all in {skipped_path}", file=sys.stderr)
     checkpoint = find_checkpoint(trainer.out) if (trainer.out / "checkpoints").is_dir() else None
-    plot = plot_metrics(metrics_path, trainer.out / "loss.png")
-    return {"first": first, "last": last, "metrics": metrics_path, "checkpoint": checkpoint, "plot": plot}
+    plot = plot_metrics(metrics_path, trainer.out / "loss.png") if lead else None
+    return {"first": first, "last": last, "metrics": metrics_path, "checkpoint": checkpoint, "plot": plot,
+            "skipped": skipped, "skipped_file": skipped_path, "rank": trainer.rank,
+            "world_size": trainer.world_size}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -256,12 +417,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=d.preset, help=f"model preset, one of: {', '.join(sorted(PRESETS))}")
     p.add_argument("--out", default=d.out, help="run folder: metrics.jsonl, checkpoints/, loss.png")
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch: images per step over all ranks (a multiple of the world size)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS, help="op backend for the whole model")
-    p.add_argument("--data", default=d.data, help="dataset (bundled: shapes)")
+    p.add_argument("--data", default=d.data,
+                   help="'shapes' (bundled) or a path: webdataset .tar shards (a folder, a file, a glob or "
+                        "'shard-{000..009}.tar'), a folder of images with .txt captions, a .csv or a .jsonl")
+    p.add_argument("--normalize", default=d.normalize, choices=NORMALIZATIONS,
+                   help="image statistics: imagenet (the training recipe) or clip (the released processors)")
+    p.add_argument("--augment", dest="augment", action="store_true", default=None,
+                   help="RandomResizedCrop(scale 0.4-1, bicubic) + flip (default: on for real data, off for shapes)")
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers per rank (default: 4 GPU, 0 CPU)")
+    p.add_argument("--native-resolution", action="store_true",
+                   help="per-batch patch budget 2^n, aspect-preserving resize + zero pad, sin-cos positions")
+    p.add_argument("--native-budgets", default="7,12", metavar="LO,HI",
+                   help="range of n for --native-resolution (default 7,12: 128 to 4096 patches)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="'bytes' or a SentencePiece .model file")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -284,6 +458,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(f"--lr must be positive, got {args.lr}")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         parser.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    try:
+        lo, hi = (int(v) for v in args.native_budgets.split(","))
+        if not 1 <= lo <= hi <= 14:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--native-budgets must be LO,HI with 1 <= LO <= HI <= 14, got {args.native_budgets!r}")
+    args.native_budgets = (lo, hi)
+    if args.data != "shapes" and not any(c in args.data for c in "*{") and not os.path.exists(args.data):
+        parser.error(f"--data {args.data}: no such file or folder")
     return TrainConfig(**vars(args))
 
 
@@ -294,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError) as exc:
         print(f"aimv2-train: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if summary["rank"] != 0:
+        return 0
     first, last = summary["first"], summary["last"]
     if first and last:
         print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}  (image {first['loss_img']:.4f} -> "

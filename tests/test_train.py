@@ -83,7 +83,11 @@ def test_resume_errors_are_clear(tmp_path, capsys):
     trainer = Trainer(_cfg(tmp_path, steps=1))
     trainer.train_step()
     path = trainer.save()
-    (path / "model.safetensors").write_bytes(b"\x00garbage")
+    shard = path / "dcp" / "__0_0.distcp"
+    shard.write_bytes(b"\x00garbage" + shard.read_bytes()[100:])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(_cfg(tmp_path, steps=2)).resume("latest")
+    (path / "dcp" / ".metadata").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         Trainer(_cfg(tmp_path, steps=2)).resume("latest")
     (path / "state.pt").unlink()
