@@ -1,5 +1,5 @@
 # Two commands for a fresh machine that has python3, gcc and make:
-#   make demo   # trains the demo preset on the bundled data (CPU, a few minutes)
+#   make demo   # trains the demo preset on the bundled data (CPU, a few minutes), then probes it against a random trunk
 #   make test   # runs the test suite
 # Both create .venv when it is missing. A torch that is already importable (for example a CUDA build on a
 # GPU machine) is reused; otherwise the CPU wheel torch==2.13.0 is installed, never a multi-GB CUDA build.
@@ -29,8 +29,11 @@ venv: $(PY)
 install: venv
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 
+# Trains the demo preset, then probes its frozen trunk and a randomly initialised one (same preset, same probe
+# settings and images) on the bundled held-out shapes, and prints both top-1 figures.
 demo: install
 	$(VENV)/bin/aimv2-train --preset aimv2-demo --out $(DEMO_OUT) --steps $(DEMO_STEPS) --batch-size 32
+	$(VENV)/bin/aimv2-probe --checkpoint $(DEMO_OUT) --preset aimv2-demo --vs-random --out $(DEMO_OUT)/probe.json --no-progress
 
 # Compiles every csrc/cuda/*.cu for sm_80 and sm_90a with the machine's nvcc and prints ptxas's register,
 # shared-memory and spill report (skipped, with a message, where there is no nvcc).
