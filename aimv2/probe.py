@@ -716,17 +716,14 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device`` as aimv2-train reads it, with its one-line error as a ProbeUsageError."""
+    from .train import UsageError
+    from .train import _resolve_device as resolve
+
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ProbeUsageError(f"--device must be cpu or cuda[:N], got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ProbeUsageError(f"--device must be cpu or cuda[:N], got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ProbeUsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
+        return resolve(name)
+    except UsageError as exc:
+        raise ProbeUsageError(str(exc)) from None
 
 
 def _open_folder(path: str, flag: str):

@@ -274,26 +274,24 @@ def _expand_shards(paths) -> list[str]:
     return shards
 
 
-def _check_dir(root) -> str:
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root must be a str or os.PathLike, got {type(root).__name__}")
-    root = os.fspath(root)
-    if not os.path.exists(root):
-        raise FileNotFoundError(f"aimv2: data path {root} does not exist")
-    if not os.path.isdir(root):
-        raise ValueError(f"aimv2: data path {root} is not a directory")
-    return root
-
-
-def _check_file(path) -> str:
+def _check_path(path, name: str, folder: bool) -> str:
+    """``path`` (str or PathLike) as a str; a one-line error when it is missing or not a folder / file."""
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"aimv2: data path {path} does not exist")
-    if not os.path.isfile(path):
-        raise ValueError(f"aimv2: data path {path} is not a file")
+    if folder != os.path.isdir(path) or (not folder and not os.path.isfile(path)):
+        raise ValueError(f"aimv2: data path {path} is not a {'directory' if folder else 'file'}")
     return path
+
+
+def _check_dir(root) -> str:
+    return _check_path(root, "root", folder=True)
+
+
+def _check_file(path) -> str:
+    return _check_path(path, "path", folder=False)
 
 
 def _walk(root: str) -> list[tuple[str, list[str]]]:
