@@ -2,8 +2,8 @@
 # One script for a machine with an NVIDIA GPU: build the package (with the CUDA extension), run the tests on
 # the GPU (the backend="cuda" tests in a process of their own), benchmark every op against its reference and the
 # installed peers (bench/run.py, modes fwd and fwd+bwd), then the AIMv2-L training step (bench/train_throughput.py,
-# eager, every backend, batch 128) and a profile of it (op shares). Each stage after the build is capped
-# (75 + 75 + 150 + 70 + 35 s) so that the whole stays near 8 minutes on an H200; what a capped stage measured
+# eager, every backend, batch 128) and a profile of it (op shares), with a train + probe smoke test between. Each
+# stage after the build is capped (75 + 75 + 150 + 45 + 70 + 35 s) so that the whole stays near 8 minutes on an H200; what a capped stage measured
 # before its cap is kept (bench/run.py saves after every config).
 # Usage: bash bench/gpu_check.sh OUTDIR      (writes logs, JSON, markdown, PNG plots and a trace to OUTDIR)
 set -uo pipefail
@@ -59,6 +59,21 @@ start=$(date +%s)
 timeout 150 $PY bench/run.py --device cuda --modes fwd,fwd+bwd --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
 tail -n 120 "$OUT/bench.log" | grep -v "it/s\|case/s\|s/case"
 echo "op benchmarks: $(( $(date +%s) - start )) s"
+
+# aimv2-train (bf16 autocast, DCP checkpoint) and aimv2-probe end to end on the GPU, tiny preset: a smoke test of the
+# issue-6 paths that the CPU cannot reach (CUDA autocast in the trainer, bf16 feature extraction in the probe).
+echo "== train + probe smoke on the GPU (aimv2-tiny)"
+start=$(date +%s)
+SMOKE=$(mktemp -d)
+timeout 45 bash -c "$PY -m aimv2.train --preset aimv2-tiny --device cuda --steps 6 --batch-size 8 --log-every 1 \
+  --ckpt-every 3 --no-progress --out $SMOKE/run && $PY -m aimv2.train --preset aimv2-tiny --device cuda --steps 8 \
+  --batch-size 8 --log-every 1 --ckpt-every 4 --no-progress --out $SMOKE/run --resume && $PY -m aimv2.probe \
+  --checkpoint $SMOKE/run --device cuda --vs-random --train-size 200 --test-size 100 --epochs 3 --no-progress" \
+  > "$OUT/train_smoke.log" 2>&1 || status=1
+cp "$SMOKE/run/metrics.jsonl" "$OUT/train_smoke_metrics.jsonl" 2>/dev/null
+rm -rf "$SMOKE"
+tail -n 8 "$OUT/train_smoke.log"
+echo "train + probe smoke: $(( $(date +%s) - start )) s"
 
 echo "== AIMv2-L training step, batch 128, eager, every backend (bench/train_throughput.py)"
 start=$(date +%s)
