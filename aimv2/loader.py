@@ -88,18 +88,14 @@ class _BatchBuilder(torch.utils.data.Dataset):
     def _image(self, index: int, rng: np.random.Generator, grid) -> tuple[torch.Tensor, str, int]:
         """(float32 (3, H, W) in [0, 1], caption, label) of sample ``index``; raises BadSample."""
         raw = getattr(self.source, "raw", None)
-        if raw is None:  # a tensor source (the bundled shapes): already at image_size, no augmentation
-            sample = self.source[index]
-            image = sample.image
-            if grid is not None:
-                from .sources import fit_and_pad
-                image = fit_and_pad(image, grid, self.patch_size)
-            return image, sample.caption, sample.label
-        sample = raw(index)
+        # a tensor source (the bundled shapes) is already at image_size and is not augmented
+        sample = self.source[index] if raw is None else raw(index)
         if grid is not None:
             from .sources import fit_and_pad
-            return fit_and_pad(sample.image, grid, self.patch_size), sample.caption, sample.label
-        return self.transform(sample.image, rng), sample.caption, sample.label
+            image = fit_and_pad(sample.image, grid, self.patch_size)
+        else:
+            image = sample.image if raw is None else self.transform(sample.image, rng)
+        return image, sample.caption, sample.label
 
     def __getitem__(self, plan: _Plan) -> LoaderBatch:
         if hasattr(self.source, "raw"):
@@ -288,10 +284,6 @@ class TrainLoader:
             raise ValueError(f"state['position'] {state['position']} is past the data's {len(self.source)} samples")
         self._state = {k: int(state[k]) for k in ("epoch", "batch", "position")}
         self._iter = None
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
     def __repr__(self) -> str:
         return (f"TrainLoader({len(self.source)} samples, global_batch={self.global_batch}, rank={self.rank}/"

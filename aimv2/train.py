@@ -181,8 +181,7 @@ class Trainer:
         transform = None
         if hasattr(source, "raw") and not augment:
             from .sources import EvalTransform
-            transform = EvalTransform(enc.image_size)
-            transform = _ignore_rng(transform)
+            transform = EvalTransform(enc.image_size)  # called as transform(image, rng): the rng goes unused
         stats = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
         workers = cfg.workers if cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
         self.loader = TrainLoader(source, self.tokenizer, cfg.batch_size, image_size=enc.image_size,
@@ -276,16 +275,6 @@ class Trainer:
             dist.all_gather_object(gathered, mine)
             return [item for part in gathered for item in part]
         return mine
-
-
-class _ignore_rng:
-    """Adapts an evaluation transform ``t(img)`` to the loader's ``t(img, rng)``."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image, rng):
-        return self.transform(image)
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
