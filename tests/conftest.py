@@ -1,5 +1,7 @@
 """Shared fixtures: a fixed seed for every test, and NaN-poisoned kernel outputs (AIMV2_POISON_OUTPUTS=1)."""
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +13,15 @@ os.environ["AIMV2_POISON_OUTPUTS"] = "1"
 # is imported. Tests pick their device with the `device` fixture.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# TarShards caches shard indexes (default ~/.cache/aimv2/tar-index): keep the suite's out of the user's home.
+_INDEX_CACHE = tempfile.mkdtemp(prefix="aimv2-test-index-")
+os.environ["AIMV2_INDEX_CACHE"] = _INDEX_CACHE
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_INDEX_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

@@ -220,6 +220,69 @@ def test_tar_truncated_shard_and_json_captions(tmp_path):
         src.raw(4)
 
 
+def test_tar_index_cache(shards, tmp_path, monkeypatch):
+    """The second open of unchanged shards reads the cached index (no header is scanned) and gives the same
+    samples; a rewritten shard, a torn cache entry or another folder are scanned again; a damaged shard is
+    never cached, so its warning comes on every open; an unwritable folder warns once and still works."""
+    import aimv2.sources as sources
+
+    shards, _ = shards
+    cache = tmp_path / "cache"
+    first = TarShards(shards, index_cache=cache)
+    assert len(list(cache.glob("*.npz"))) == 2 and not list(cache.glob("*.tmp"))
+    scanned = []
+    real_scan = sources._tar_members
+    monkeypatch.setattr(sources, "_tar_members", lambda p: scanned.append(p) or real_scan(p))
+    again = TarShards(shards, index_cache=cache)
+    assert scanned == []
+    assert [again.key(i) for i in range(len(again))] == [first.key(i) for i in range(len(first))]
+    assert np.array_equal(again._rows, first._rows)
+    assert [again.raw(i).caption for i in (0, 1, 9)] == [first.raw(i).caption for i in (0, 1, 9)]
+
+    # A shard rewritten with other content (new size and mtime) is scanned again and indexed anew.
+    write_tar(shards[1], [("000005.png", encode(noise(5), "PNG")), ("000005.txt", "rewritten")])
+    changed = TarShards(shards, index_cache=cache)
+    assert scanned == [shards[1]] and len(changed) == 6 and changed.raw(5).caption == "rewritten"
+
+    # A torn entry (a crash mid-write elsewhere) is ignored and replaced.
+    entry = next(iter(sorted(cache.glob("*.npz"), key=os.path.getmtime)))
+    entry.write_bytes(entry.read_bytes()[:50])
+    scanned.clear()
+    assert len(TarShards(shards, index_cache=cache)) == 6 and len(scanned) == 1
+    scanned.clear()
+    TarShards(shards, index_cache=cache)
+    assert scanned == []
+
+    # Off: nothing written, every open scans.
+    off = tmp_path / "off"
+    TarShards(shards, index_cache=False)
+    monkeypatch.setenv("AIMV2_INDEX_CACHE", "off")
+    TarShards(shards)
+    assert len(scanned) == 4 and not off.exists()
+    monkeypatch.setenv("AIMV2_INDEX_CACHE", str(off))
+    TarShards(shards)
+    assert len(list(off.glob("*.npz"))) == 2
+
+    # Damaged: indexed up to the damage with a warning, every time, and never cached.
+    data = open(shards[0], "rb").read()
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(data[:len(data) // 2 + 77])  # not on a 512-byte block boundary
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="damaged.tar: truncated"):
+            TarShards(str(damaged), index_cache=cache)
+    assert len(list(cache.glob("*.npz"))) == 2
+
+    # Unwritable: one warning naming the folder, then the index lives in memory only.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setattr(sources, "_cache_warned", set())
+    with pytest.warns(UserWarning, match="cannot write the tar index cache"):
+        src = TarShards(shards, index_cache=blocker / "sub")
+    assert len(src) == 6
+    with pytest.raises(TypeError, match="index_cache"):
+        TarShards(shards, index_cache=3)
+
+
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_header_formats(tmp_path, fmt):
     """The header scanner agrees with tarfile: ustar name prefixes, GNU long names, pax paths, non-ASCII
