@@ -422,6 +422,7 @@ def _tar_members(path: str):
 # The tar index cache: a shard's member list, written once and reused while the shard is unchanged.
 INDEX_CACHE_ENV = "AIMV2_INDEX_CACHE"
 _INDEX_CACHE_VERSION = 1
+_FINGERPRINT_BYTES = 1 << 16
 _cache_warned: set[str] = set()
 
 
@@ -452,19 +453,25 @@ def _cached_tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int
     stored.
 
     An entry is one ``.npz`` per shard (named by a hash of the shard's absolute path) that records the shard's
-    size, mtime and inode; any change to them makes it stale. A shard whose scan warned (damaged) is not
-    stored, so the warning comes again on every start. An unwritable cache directory warns once and the
-    index is then only kept in memory.
+    size, mtime, inode and a hash of its first and last 64 KiB; any change to them makes it stale. A shard
+    whose scan warned (damaged) is not stored, so the warning comes again on every start. An unwritable cache
+    directory warns once and the index is then only kept in memory.
     """
     if cache_dir is None:
         return list(_tar_members(path))
     real = os.path.realpath(path)
     st = os.stat(real)
     stamp = np.array([st.st_size, st.st_mtime_ns, st.st_ino, _INDEX_CACHE_VERSION], dtype=np.int64)
-    entry = os.path.join(cache_dir, hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest() + ".npz")
+    with open(real, "rb") as f:  # a same-size rewrite within one mtime tick still changes these bytes
+        head = f.read(_FINGERPRINT_BYTES)
+        f.seek(max(st.st_size - _FINGERPRINT_BYTES, 0))
+        digest = np.frombuffer(hashlib.sha256(head + f.read(_FINGERPRINT_BYTES)).digest(), dtype=np.uint8)
+    real_b = real.encode("utf-8", "surrogateescape")
+    entry = os.path.join(cache_dir, hashlib.sha256(real_b).hexdigest() + ".npz")
     try:
         with np.load(entry, allow_pickle=False) as z:
-            if np.array_equal(z["stamp"], stamp) and z["path"].tobytes().decode("utf-8", "surrogateescape") == real:
+            if (np.array_equal(z["stamp"], stamp) and np.array_equal(z["digest"], digest)
+                    and z["path"].tobytes() == real_b):
                 names = z["names"].tobytes().decode("utf-8", "surrogateescape").split("\0") if len(z["sizes"]) else []
                 return list(zip(names, z["offsets"].tolist(), z["sizes"].tolist(), strict=True))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, old format or torn: rescan
@@ -480,7 +487,7 @@ def _cached_tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int
     try:
         os.makedirs(cache_dir, exist_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, stamp=stamp, path=np.frombuffer(real.encode("utf-8", "surrogateescape"), dtype=np.uint8),
+            np.savez(f, stamp=stamp, digest=digest, path=np.frombuffer(real_b, dtype=np.uint8),
                      names=np.frombuffer("\0".join(n for n, _, _ in members).encode("utf-8", "surrogateescape"),
                                          dtype=np.uint8),
                      offsets=np.array([o for _, o, _ in members], dtype=np.int64),

@@ -244,6 +244,17 @@ def test_tar_index_cache(shards, tmp_path, monkeypatch):
     changed = TarShards(shards, index_cache=cache)
     assert scanned == [shards[1]] and len(changed) == 6 and changed.raw(5).caption == "rewritten"
 
+    # The same size, mtime and inode but other bytes (a rewrite within one mtime tick): scanned again.
+    st = os.stat(shards[1])
+    with open(shards[1], "r+b") as f:
+        data = f.read()
+        f.seek(0)
+        f.write(data.replace(b"rewritten", b"REWRITTEN"))
+    os.utime(shards[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(shards[1]).st_mtime_ns == st.st_mtime_ns and os.stat(shards[1]).st_ino == st.st_ino
+    scanned.clear()
+    assert TarShards(shards, index_cache=cache).raw(5).caption == "REWRITTEN" and scanned == [shards[1]]
+
     # A torn entry (a crash mid-write elsewhere) is ignored and replaced.
     entry = next(iter(sorted(cache.glob("*.npz"), key=os.path.getmtime)))
     entry.write_bytes(entry.read_bytes()[:50])
