@@ -44,6 +44,7 @@ import math
 import os
 import re
 import threading
+import time
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -422,7 +423,8 @@ def _tar_members(path: str):
 # The tar index cache: a shard's member list, written once and reused while the shard is unchanged.
 INDEX_CACHE_ENV = "AIMV2_INDEX_CACHE"
 _INDEX_CACHE_VERSION = 1
-_FINGERPRINT_BYTES = 1 << 16
+_FINGERPRINT_BYTES = 4096  # the first block of members: one small read per shard
+_SETTLED_NS = 3_000_000_000  # a shard modified in the last 3 s may still be changing: not cached
 _cache_warned: set[str] = set()
 
 
@@ -453,19 +455,18 @@ def _cached_tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int
     stored.
 
     An entry is one ``.npz`` per shard (named by a hash of the shard's absolute path) that records the shard's
-    size, mtime, inode and a hash of its first and last 64 KiB; any change to them makes it stale. A shard
-    whose scan warned (damaged) is not stored, so the warning comes again on every start. An unwritable cache
-    directory warns once and the index is then only kept in memory.
+    size, mtime, inode and a hash of its first 4 KiB; any change to them makes it stale. Only a shard left
+    untouched for 3 s is stored, so a later rewrite cannot share its mtime unless the mtime is set by hand. A
+    shard whose scan warned (damaged) is not stored, so the warning comes again on every start. An unwritable
+    cache directory warns once and the index is then only kept in memory.
     """
     if cache_dir is None:
         return list(_tar_members(path))
     real = os.path.realpath(path)
     st = os.stat(real)
     stamp = np.array([st.st_size, st.st_mtime_ns, st.st_ino, _INDEX_CACHE_VERSION], dtype=np.int64)
-    with open(real, "rb") as f:  # a same-size rewrite within one mtime tick still changes these bytes
-        head = f.read(_FINGERPRINT_BYTES)
-        f.seek(max(st.st_size - _FINGERPRINT_BYTES, 0))
-        digest = np.frombuffer(hashlib.sha256(head + f.read(_FINGERPRINT_BYTES)).digest(), dtype=np.uint8)
+    with open(real, "rb") as f:
+        digest = np.frombuffer(hashlib.sha256(f.read(_FINGERPRINT_BYTES)).digest(), dtype=np.uint8)
     real_b = real.encode("utf-8", "surrogateescape")
     entry = os.path.join(cache_dir, hashlib.sha256(real_b).hexdigest() + ".npz")
     try:
@@ -482,6 +483,8 @@ def _cached_tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int
     for w in caught:
         warnings.warn(w.message, w.category, stacklevel=4)
     if caught or any("\0" in n for n, _, _ in members):  # damaged, or a name the format cannot hold
+        return members
+    if time.time_ns() - st.st_mtime_ns < _SETTLED_NS:  # still being written, or a rewrite could keep its mtime
         return members
     tmp = f"{entry}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:

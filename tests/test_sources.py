@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -220,19 +221,32 @@ def test_tar_truncated_shard_and_json_captions(tmp_path):
         src.raw(4)
 
 
+def _age(path, seconds: float = 60.0) -> None:
+    """Set ``path``'s mtime ``seconds`` into the past (a settled shard, which the index cache may store)."""
+    then = time.time_ns() - int(seconds * 1e9)
+    os.utime(path, ns=(then, then))
+
+
 def test_tar_index_cache(shards, tmp_path, monkeypatch):
-    """The second open of unchanged shards reads the cached index (no header is scanned) and gives the same
-    samples; a rewritten shard, a torn cache entry or another folder are scanned again; a damaged shard is
-    never cached, so its warning comes on every open; an unwritable folder warns once and still works."""
+    """A settled shard's index is cached: the next open scans no header and gives the same samples. A shard
+    modified in the last seconds is not cached; a rewritten shard (even same size, mtime and inode), a torn
+    entry and another folder are scanned again; a damaged shard is never cached, so its warning comes on every
+    open; an unwritable folder warns once and still works."""
     import aimv2.sources as sources
 
     shards, _ = shards
     cache = tmp_path / "cache"
-    first = TarShards(shards, index_cache=cache)
-    assert len(list(cache.glob("*.npz"))) == 2 and not list(cache.glob("*.tmp"))
     scanned = []
     real_scan = sources._tar_members
     monkeypatch.setattr(sources, "_tar_members", lambda p: scanned.append(p) or real_scan(p))
+    first = TarShards(shards, index_cache=cache)  # just written: may still be changing, so not stored
+    assert scanned == shards and not list(cache.glob("*.npz"))
+    for path in shards:
+        _age(path)
+    scanned.clear()
+    TarShards(shards, index_cache=cache)
+    assert scanned == shards and len(list(cache.glob("*.npz"))) == 2 and not list(cache.glob("*.tmp"))
+    scanned.clear()
     again = TarShards(shards, index_cache=cache)
     assert scanned == []
     assert [again.key(i) for i in range(len(again))] == [first.key(i) for i in range(len(first))]
@@ -240,26 +254,31 @@ def test_tar_index_cache(shards, tmp_path, monkeypatch):
     assert [again.raw(i).caption for i in (0, 1, 9)] == [first.raw(i).caption for i in (0, 1, 9)]
 
     # A shard rewritten with other content (new size and mtime) is scanned again and indexed anew.
-    write_tar(shards[1], [("000005.png", encode(noise(5), "PNG")), ("000005.txt", "rewritten")])
+    write_tar(shards[1], [("000005.txt", "rewritten"), ("000005.png", encode(noise(5), "PNG"))])
     changed = TarShards(shards, index_cache=cache)
     assert scanned == [shards[1]] and len(changed) == 6 and changed.raw(5).caption == "rewritten"
+    _age(shards[1])
+    TarShards(shards, index_cache=cache)
+    scanned.clear()
+    TarShards(shards, index_cache=cache)
+    assert scanned == []
 
-    # The same size, mtime and inode but other bytes (a rewrite within one mtime tick): scanned again.
+    # The same size, mtime and inode but other bytes (a rewrite with the mtime set back): scanned again.
     st = os.stat(shards[1])
     with open(shards[1], "r+b") as f:
         data = f.read()
+        assert data.index(b"rewritten") < 4096  # inside the fingerprinted first block
         f.seek(0)
         f.write(data.replace(b"rewritten", b"REWRITTEN"))
     os.utime(shards[1], ns=(st.st_atime_ns, st.st_mtime_ns))
     assert os.stat(shards[1]).st_mtime_ns == st.st_mtime_ns and os.stat(shards[1]).st_ino == st.st_ino
-    scanned.clear()
     assert TarShards(shards, index_cache=cache).raw(5).caption == "REWRITTEN" and scanned == [shards[1]]
 
     # A torn entry (a crash mid-write elsewhere) is ignored and replaced.
-    entry = next(iter(sorted(cache.glob("*.npz"), key=os.path.getmtime)))
-    entry.write_bytes(entry.read_bytes()[:50])
+    for entry in cache.glob("*.npz"):
+        entry.write_bytes(entry.read_bytes()[:50])
     scanned.clear()
-    assert len(TarShards(shards, index_cache=cache)) == 6 and len(scanned) == 1
+    assert len(TarShards(shards, index_cache=cache)) == 6 and scanned == shards
     scanned.clear()
     TarShards(shards, index_cache=cache)
     assert scanned == []
@@ -278,6 +297,7 @@ def test_tar_index_cache(shards, tmp_path, monkeypatch):
     data = open(shards[0], "rb").read()
     damaged = tmp_path / "damaged.tar"
     damaged.write_bytes(data[:len(data) // 2 + 77])  # not on a 512-byte block boundary
+    _age(damaged)
     for _ in range(2):
         with pytest.warns(UserWarning, match="damaged.tar: truncated"):
             TarShards(str(damaged), index_cache=cache)
