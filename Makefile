@@ -35,7 +35,7 @@ install: venv
 demo: install
 	$(VENV)/bin/aimv2-train --preset aimv2-demo --out $(DEMO_OUT) --steps $(DEMO_STEPS) --batch-size 32
 	$(VENV)/bin/aimv2-probe --checkpoint $(DEMO_OUT) --preset aimv2-demo --vs-random --out $(DEMO_OUT)/probe.json --no-progress
-	@echo "At this scale (160 CPU steps) the random trunk is ahead; README, 'Evaluation: the attentive probe', has why and the longer runs."
+	@echo "(At the default 160 steps the random trunk comes out ahead: README, 'Evaluation: the attentive probe', says why, with longer runs.)"
 
 # Compiles every csrc/cuda/*.cu for sm_80 and sm_90a with the machine's nvcc and prints ptxas's register,
 # shared-memory and spill report (skipped, with a message, where there is no nvcc).
