@@ -29,6 +29,7 @@ __all__ = [
     "IMAGENET_STD",
     "CLIP_MEAN",
     "CLIP_STD",
+    "NORMALIZATIONS",
     "BatchLoader",
     "build_dataset",
 ]
@@ -37,6 +38,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The pixel statistics a run or a probe can name: (mean, std) per channel.
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
 
 
 @dataclasses.dataclass

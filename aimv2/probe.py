@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import NORMALIZATIONS
+
 PROBE_HEAD_DIM = 128
 
 
@@ -114,20 +116,8 @@ def probe_forward(probe: AttentionPoolingClassifier, features: torch.Tensor) -> 
 # Labelled images
 # --------------------------------------------------------------------------------------------------------
 
-NORMALIZATIONS = ("imagenet", "clip")
-
-
 class ProbeUsageError(ValueError):
     """Bad input to the probe (a flag, a path, a preset); the CLI prints it as one line and exits with 2."""
-
-
-def _skippable() -> tuple[type[BaseException], ...]:
-    """Exceptions that mark one unreadable image (skipped and counted): ``aimv2.sources.BadSample``."""
-    try:
-        from .sources import BadSample
-    except ImportError:
-        return ()
-    return (BadSample,)
 
 
 class LabelledImages:
@@ -215,9 +205,8 @@ def heldout_shapes(image_size: int, train_size: int = 2000, test_size: int = 100
     (5 classes). The heldout split never shares a draw with the training split.
 
     NOTE: in a two-shape scene (half of them) nothing in the pixels says which shape is "first", so the
-    best possible top-1 is about 80% (0.5 + 0.5 * (0.2 + 0.8 * 0.5)). Measured on 2000/1000 with the default
-    settings: a random aimv2-demo trunk 26.1%; the demo trunk after 160 steps (``make demo``) 20.9%, after 800
-    steps 21.6% (chance 20%): at that scale the caption decoder reads colour from the image but not kind."""
+    best possible top-1 is about 80% (0.5 + 0.5 * (0.2 + 0.8 * 0.5)). What trained and random aimv2-demo
+    trunks reach on it (2000/1000, default settings) is in the README's probe section."""
     from .data import ShapesDataset
 
     for name, value in (("train_size", train_size), ("test_size", test_size)):
@@ -237,13 +226,12 @@ def _as_items(data, name: str):
 
 
 def _normalizer(normalize) -> Callable[[torch.Tensor], torch.Tensor]:
-    from .data import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize
+    from .data import Normalize
 
     if isinstance(normalize, str):
-        stats = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
-        if normalize not in stats:
+        if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)} or a callable, got {normalize!r}")
-        return Normalize(*stats[normalize])
+        return Normalize(*NORMALIZATIONS[normalize])
     if not callable(normalize):
         raise TypeError(f"normalize must be 'imagenet', 'clip' or a callable, got {type(normalize).__name__}")
     return normalize
@@ -281,13 +269,15 @@ def extract_features(encoders: nn.Module | Mapping[str, nn.Module], data, *, nor
     """
     from tqdm.auto import tqdm
 
+    from .sources import BadSample  # one unreadable image: skipped and counted
+
     single = isinstance(encoders, nn.Module)
     encs = {"trunk": encoders} if single else dict(encoders)
     if not encs:
         raise ValueError("encoders must hold at least one encoder")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    items, norm, skip = _as_items(data, "data"), _normalizer(normalize), _skippable()
+    items, norm = _as_items(data, "data"), _normalizer(normalize)
     n = len(items)
     modes = {name: enc.training for name, enc in encs.items()}
     feats: dict[str, torch.Tensor] = {}
@@ -302,7 +292,7 @@ def extract_features(encoders: nn.Module | Mapping[str, nn.Module], data, *, nor
             for i in range(start, min(start + batch_size, n)):
                 try:
                     image, label = items[i]
-                except skip:
+                except BadSample:
                     skipped += 1
                     continue
                 if int(label) < 0:
@@ -659,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heldout images to report top-1 on (default %(default)s)")
     g.add_argument("--image-size", type=int, default=None, help="default: the trunk's")
     g.add_argument("--crop-pct", type=float, default=1.0, help="center-crop share of a folder image (default 1.0)")
-    g.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
+    g.add_argument("--normalize", choices=tuple(NORMALIZATIONS), default=None,
                    help="pixel statistics (default: the trunk's own: a checkpoint's training --normalize, "
                         "imagenet by default; clip for --pretrained; imagenet for --random)")
     o = p.add_argument_group("probe training")
@@ -798,10 +788,7 @@ def main(argv: list[str] | None = None) -> int:
                              extract_batch_size=args.extract_batch_size,
                              feature_dtype=getattr(torch, args.feature_dtype),
                              progress=None if args.progress else False)
-    except ProbeUsageError as exc:
-        print(f"aimv2-probe: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # e.g. a folder whose images are all unreadable
+    except ValueError as exc:  # a ProbeUsageError, or e.g. a folder whose images are all unreadable
         print(f"aimv2-probe: error: {exc}", file=sys.stderr)
         return 2
     for name, r in results.items():

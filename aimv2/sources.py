@@ -494,7 +494,7 @@ def _cached_tar_members(path: str, cache_dir: str | None) -> list[tuple[str, int
                      names=np.frombuffer("\0".join(n for n, _, _ in members).encode("utf-8", "surrogateescape"),
                                          dtype=np.uint8),
                      offsets=np.array([o for _, o, _ in members], dtype=np.int64),
-                     sizes=np.array([z for _, _, z in members], dtype=np.int64))
+                     sizes=np.array([n for _, _, n in members], dtype=np.int64))
         os.replace(tmp, entry)  # atomic: ranks writing the same entry at once leave one whole file
     except OSError as exc:
         try:

@@ -26,9 +26,9 @@ from aimv2_kernels import BACKENDS
 
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import PRESETS, AIMv2Config
+from .data import NORMALIZATIONS
 from .model import AIMv2
 
-NORMALIZATIONS = ("imagenet", "clip")
 
 
 @dataclass
@@ -149,14 +149,14 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig):
-        from .data import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Normalize, build_dataset
+        from .data import Normalize, build_dataset
         from .loader import TrainLoader
         from .tokenizer import build_tokenizer
 
         self.cfg = cfg
         self.out = Path(cfg.out)
         if cfg.normalize not in NORMALIZATIONS:
-            raise ValueError(f"--normalize must be one of {NORMALIZATIONS}, got {cfg.normalize!r}")
+            raise ValueError(f"--normalize must be one of {tuple(NORMALIZATIONS)}, got {cfg.normalize!r}")
         self.rank, self.world_size, self.device = init_distributed(cfg.device)
         if cfg.batch_size % self.world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the world size {self.world_size}")
@@ -182,11 +182,10 @@ class Trainer:
         if hasattr(source, "raw") and not augment:
             from .sources import EvalTransform
             transform = EvalTransform(enc.image_size)  # called as transform(image, rng): the rng goes unused
-        stats = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
         workers = cfg.workers if cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
         self.loader = TrainLoader(source, self.tokenizer, cfg.batch_size, image_size=enc.image_size,
                                   patch_size=enc.patch_size, seed=cfg.seed, rank=self.rank,
-                                  world_size=self.world_size, num_workers=workers, normalize=Normalize(*stats),
+                                  world_size=self.world_size, num_workers=workers, normalize=Normalize(*NORMALIZATIONS[cfg.normalize]),
                                   transform=transform,
                                   native_budgets=tuple(cfg.native_budgets) if cfg.native_resolution else None)
         self.batches = self.loader
@@ -415,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data,
                    help="'shapes' (bundled) or a path: webdataset .tar shards (a folder, a file, a glob or "
                         "'shard-{000..009}.tar'), a folder of images with .txt captions, a .csv or a .jsonl")
-    p.add_argument("--normalize", default=d.normalize, choices=NORMALIZATIONS,
+    p.add_argument("--normalize", default=d.normalize, choices=tuple(NORMALIZATIONS),
                    help="image statistics: imagenet (the training recipe) or clip (the released processors)")
     p.add_argument("--augment", dest="augment", action="store_true", default=None,
                    help="RandomResizedCrop(scale 0.4-1, bicubic) + flip (default: on for real data, off for shapes)")

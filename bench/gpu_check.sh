@@ -2,9 +2,9 @@
 # One script for a machine with an NVIDIA GPU: build the package (with the CUDA extension), run the tests on
 # the GPU (the backend="cuda" tests in a process of their own), benchmark every op against its reference and the
 # installed peers (bench/run.py, modes fwd and fwd+bwd), then the AIMv2-L training step (bench/train_throughput.py,
-# eager, every backend, batch 128) and a profile of it (op shares), with a train + probe smoke test between. Each
-# stage after the build is capped (75 + 75 + 150 + 45 + 70 + 35 s) so that the whole stays near 8 minutes on an H200; what a capped stage measured
-# before its cap is kept (bench/run.py saves after every config).
+# eager, every backend, batch 128) and a profile of it (op shares), with a train + probe smoke test between.
+# Each stage after the build is capped (75 + 75 + 150 + 45 + 70 + 35 s) so that the whole stays near 8 minutes
+# on an H200; what a capped stage measured before its cap is kept (bench/run.py saves after every config).
 # Usage: bash bench/gpu_check.sh OUTDIR      (writes logs, JSON, markdown, PNG plots and a trace to OUTDIR)
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
