@@ -42,6 +42,21 @@ namespace aimv2 {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
+// Hopper review (2026-12-02, nvcc 13.0 for sm_90a, `make cuda-check`; no GPU run yet). These kernels stay on
+// the sm_80 instruction set on Hopper: mma.sync (HMMA), ldmatrix and cp.async double buffering, 4 warps per CTA.
+// - Registers per thread, sm_90a, no spills: forward 182 (D 128) / 138 (D 64); dK/dV 240 / 172; dQ 163 / 165.
+//   At 128 threads per CTA that is 2 CTAs per SM for the forward and dQ at D 128 (65536 registers / (182 x
+//   128) = 2.8) and 2 for dK/dV: occupancy is register-bound, so BM/BN stay at 64 (a 128-row tile in 4 warps
+//   would need 32 rows per warp and spill at D 128).
+// - wgmma (warpgroup MMA, sm_90a only) is not used: it needs the operands' B side in shared memory in a
+//   swizzled layout, a warpgroup (4 warps) per 64-row slice and asynchronous accumulators, i.e. a rewrite of
+//   the three main loops in the style of FlashAttention-3, not a change of instruction. The FlashAttention-3
+//   paper puts FlashAttention-2 (mma.sync, the same design as these kernels) at about 35% of an H100's dense
+//   bf16 rate, i.e. below our 400 TFLOP/s forward target (not measured here). That rewrite belongs with the
+//   Hopper work on the Triton kernels (whose tl.dot emits wgmma on sm_90a); until a GPU run has measured
+//   both, backend "auto" does not pick these kernels (aimv2_kernels._backend.CUDA_AUTO).
+// - TMA (cp.async.bulk.tensor) would replace the per-thread 16-byte cp.async of the K/V and Q/dO tiles; with
+//   mma.sync consumers reading through ldmatrix it saves issue slots, not bandwidth, so it waits for wgmma.
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 
