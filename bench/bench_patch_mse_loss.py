@@ -4,6 +4,8 @@
 shapes AIMv2 runs (the pixel loss of a 224, 336 and 448 px image batch, patch 14, the target shifted by one);
 ``python bench/bench_patch_mse_loss.py [--device cpu|cuda] [--quick]`` is ``bench/run.py --op patch_mse_loss``.
 There is no installed peer for this loss: the reference under ``torch.compile`` is the strongest baseline.
+``work(config, mode)``: memory-bound, the bytes of :meth:`Config.min_bytes` and no FLOPs counted.
+``goals``: on a GPU at least 80% of the copy bandwidth and at least 1.5x the compiled reference.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ class Config:
         return (self.image_size // self.patch) ** 2
 
     def min_bytes(self, mode: str = "fwd+bwd") -> int:
-        """DESIGN.md's floor: read ``pred`` and ``images`` once (and write ``grad_pred`` once with a backward)."""
+        """The floor: read ``pred`` and ``images`` once (and write ``grad_pred`` once with a backward). The int64
+        prefix lengths (8 bytes per image) are not counted."""
         pred = self.batch * (self.num_patches - 1) * 3 * self.patch ** 2
         images = self.batch * 3 * self.image_size ** 2
         return (pred * (1 if mode == "fwd" else 2) + images) * torch.finfo(self.dtype).bits // 8
@@ -84,8 +87,22 @@ def setup(config: Config, provider: str, mode: str = "fwd+bwd", device: torch.de
     return harness.make_step(lambda: fn(pred, images, config.patch, lens, target_offset=1), [pred], mode)
 
 
+def work(config: Config, mode: str) -> dict:
+    """Bytes that must move (:meth:`Config.min_bytes`) and FLOPs (a few per element: not counted, memory-bound)."""
+    return {"bytes": config.min_bytes(mode), "flops": 0, "dtype": harness.dtype_name(config.dtype)}
+
+
 def derived(config: Config, mode: str, median_ms: float) -> dict:
-    return {"GB/s": config.min_bytes(mode) / median_ms / 1e6}
+    return {"GB/s": work(config, mode)["bytes"] / median_ms / 1e6}
+
+
+def goals(config: Config, mode: str, rows: dict, ours, ceilings: dict) -> list:
+    """GPU goals: at least 80% of the measured copy bandwidth and at least 1.5x the compiled reference."""
+    copy = (ceilings or {}).get("copy_GBps")
+    fraction = (work(config, mode)["bytes"] / ours.median_ms / 1e6 / copy
+                if copy and ours is not None and ours.median_ms else None)
+    return [harness.fraction_goal(">= 80% of copy bandwidth", fraction, 0.8),
+            harness.speed_goal(">= 1.5x reference-compiled", ours, rows.get("reference-compiled"), 1.5)]
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """Benchmark of ``prefix_attention``: our backends against the reference (eager and compiled) and the peers.
 
-Peers (DESIGN.md): ``F.scaled_dot_product_attention`` with a dense boolean prefix mask; FlexAttention with a
-per-sample prefix block mask (compiled; CUDA only here, its CPU version has no backward); flash-attn as two
-calls, a non-causal one over each sample's prefix and a bottom-right causal one for the rest (CUDA, when
-installed).
+Peers: ``F.scaled_dot_product_attention`` with a dense boolean prefix mask; FlexAttention with a per-sample
+prefix block mask (compiled; CUDA only here, its CPU version has no backward); flash-attn as two calls, a
+non-causal one over each sample's prefix and a bottom-right causal one for the rest (CUDA, when installed).
 
-Shapes: the AIMv2 encoder (head dim 128, random per-sample prefixes uniform in [1, S-1]) at S = 256, 576 and
-1024 and at native resolution up to 4096 patches, swept in S at a constant number of tokens per call; the
+Shapes: the AIMv2 encoder (head dim 128, per-sample prefixes drawn uniform in [1, S-1] by a generator seeded
+with 0, so every provider, every run and the FLOP count see the same prefixes), swept in S at a constant
+32k tokens per call: on a GPU S = 256, 1024 and 4096 (native resolution), on a CPU also 576 and 2048; and the
 decoder at S = 334 (256 patches + start token + 77 caption tokens), plainly causal.
+
+``work(config, mode)``: FLOPs ``2 D H sum_b (S^2 + M_b^2)`` forward (the visible (query, key) pairs times 4D;
+plainly causal is ``M_b = 0``, half of full attention), 2.5x that backward; bytes: the forward reads q, k, v
+and writes o and the fp32 log-sum-exp, the backward reads q, k, v, o, do and the log-sum-exp and writes
+dq, dk, dv (fwd+bwd: both). The FLOPs per byte grow with S: on an H200 (about 184 FLOP per byte copied) the
+shapes from S = 1024 up are matmul-bound, S = 256 and the decoder's S = 334 memory-bound by this count.
 ``python bench/bench_prefix_attention.py [--device cpu|cuda] [--quick]`` is
 ``bench/run.py --op prefix_attention``.
 """
@@ -58,11 +64,14 @@ class Config:
         gen = torch.Generator().manual_seed(0)
         return torch.randint(1, self.seq, (self.batch,), generator=gen).to(device)
 
-    def fwd_flops(self) -> float:
-        """``2 D H sum_b (S^2 + M_b^2)``: visible pairs times 4D (DESIGN.md); the backward is 2.5x this."""
+    def sum_prefix_squares(self) -> int:
+        """``sum_b M_b^2`` of :meth:`prefix_lens` (0 for plainly causal)."""
         lens = self.prefix_lens("cpu")
-        m2 = 0.0 if lens is None else float((lens.double() ** 2).sum())
-        return 2.0 * self.head_dim * self.heads * (self.batch * self.seq ** 2 + m2)
+        return 0 if lens is None else int((lens.long() ** 2).sum())
+
+    def fwd_flops(self) -> int:
+        """``2 D H sum_b (S^2 + M_b^2)``: the visible (query, key) pairs times 4D; the backward is 2.5x this."""
+        return 2 * self.head_dim * self.heads * (self.batch * self.seq ** 2 + self.sum_prefix_squares())
 
 
 # The CPU shape of the pytest-benchmark microbenchmarks (bench/test_microbench.py).
@@ -73,7 +82,9 @@ def configs(device: torch.device, quick: bool = False) -> list[Config]:
         return [Config(2, 2, 33, 64, torch.float32), Config(2, 2, 65, 64, torch.float32),
                 Config(2, 2, 33, 64, torch.float32, prefix="causal", series="")]
     if device.type == "cuda":  # AIMv2-L: 8 heads of 128; 32k tokens per call; the decoder at batch 128
-        return [Config(32768 // s, 8, s) for s in (256, 576, 1024, 2048, 4096)] + [
+        # Three encoder lengths only (the goals' S): each new S costs FlexAttention and the compiled reference a
+        # compile per mode, and the whole GPU op-benchmark stage must fit about 150 s.
+        return [Config(32768 // s, 8, s) for s in (256, 1024, 4096)] + [
             Config(128, 8, 334, prefix="causal", series="")]
     return [Config(max(1, 2048 // s), 2, s, dtype=torch.float32) for s in (256, 576, 1024, 2048, 4096)] + [
         Config(4, 2, 334, dtype=torch.float32, prefix="causal", series="")]
@@ -164,9 +175,43 @@ def setup(config: Config, provider: str, mode: str = "fwd+bwd", device: torch.de
     return harness.make_step(loss, [q, k, v], mode)
 
 
+# Backward FLOPs are 2.5x the forward's (the scores are recomputed in the backward): 5/2, in integers.
+BWD_NUM, BWD_DEN = 5, 2
+
+
+def work(config: Config, mode: str) -> dict:
+    """FLOPs and bytes that must be done and moved (see the module doc)."""
+    c = config
+    elt = torch.finfo(c.dtype).bits // 8
+    tensor = c.batch * c.heads * c.seq * c.head_dim * elt  # one of q, k, v, o, do, dq, dk, dv
+    lse = c.batch * c.heads * c.seq * 4  # fp32
+    fwd_bytes, bwd_bytes = 4 * tensor + lse, 8 * tensor + lse
+    fwd = c.fwd_flops()
+    bwd = fwd * BWD_NUM // BWD_DEN  # fwd is even: exact
+    flops = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes}[mode]
+    return {"bytes": nbytes, "flops": flops, "dtype": harness.dtype_name(c.dtype)}
+
+
 def derived(config: Config, mode: str, median_ms: float) -> dict:
-    factor = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
-    return {"TFLOP/s": factor * config.fwd_flops() / median_ms / 1e9}
+    return {"TFLOP/s": work(config, mode)["flops"] / median_ms / 1e9}
+
+
+GOAL_SEQS = (256, 1024, 4096)  # >= 1.3x FlexAttention at these S (head dim 128, random prefixes)
+
+
+def goals(config: Config, mode: str, rows: dict, ours, ceilings: dict) -> list:
+    """GPU goals of the encoder shapes (head dim 128, random prefixes): at least 1.3x FlexAttention at S = 256,
+    1024 and 4096, and at least 400 TFLOP/s forward at S = 4096."""
+    c = config
+    if c.prefix != "random" or c.head_dim != 128 or c.seq not in GOAL_SEQS:
+        return []
+    out = [harness.speed_goal(">= 1.3x FlexAttention", ours, rows.get("flex-attention"), 1.3)]
+    if c.seq == 4096 and mode == "fwd":
+        tflops = work(c, mode)["flops"] / ours.median_ms / 1e9 if ours is not None and ours.median_ms else None
+        out.append(harness.Goal(">= 400 TFLOP/s forward", tflops is not None and tflops >= 400,
+                                "ours not measured" if tflops is None else f"{tflops:.0f} TFLOP/s"))
+    return out
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
-"""Shared benchmark harness: timing (median and 20th/80th percentiles), peak memory, environment record.
+"""Shared benchmark harness: timing (median and 20th/80th percentiles), peak memory, environment record, and the
+limit each shape allows.
 
 GPU timing uses ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs); CPU timing is wall time
 after a warm-up. Every result row records what was timed, on which device, with which versions, and when.
+
+Limits: each bench module's ``work(config, mode)`` gives the bytes that must move and the FLOPs that must be
+done (and the dtype of those FLOPs); :func:`limit_ms` turns them into the best time the measured
+:func:`ceilings` allow, ``max(bytes / copy bandwidth, FLOPs / matmul rate)``. A table's ``% of limit`` is
+``100 * limit / median``.
 """
 from __future__ import annotations
 
@@ -33,6 +39,65 @@ class Result:
     error: str | None = None  # why a provider could not run (missing peer, out of memory, ...)
     size: float | None = None  # the x value of the config in a sweep (S, tokens, pixels), for plots
     series: str = ""  # configs of one sweep share a series; "" = not part of a plotted sweep
+    bytes: int | None = None  # bytes that must move (the module's work(config, mode))
+    flops: int | None = None  # FLOPs that must be done (0: memory-bound, FLOPs not counted)
+    limit_ms: float | None = None  # the best time those allow on the measured ceilings; None without ceilings
+
+
+# Our concrete backends and the baselines; every other provider is a peer (an installed library doing the same op).
+OURS = ("cpu", "triton", "cuda")
+BASELINES = ("reference", "reference-compiled")
+# The ceilings key of the matmul rate that bounds FLOPs done in each input dtype. Only bf16 is measured: a
+# kernel on fp32 inputs runs fp32 (or TF32) matmuls at another rate, so a shape with FLOPs in another dtype gets
+# no limit rather than a wrong one.
+MATMUL_RATE_KEYS = {"bfloat16": "bf16_matmul_TFLOPs"}
+
+
+def is_peer(provider: str) -> bool:
+    """A provider that is neither ours nor a reference (eager or compiled): FlexAttention, SDPA, liger, ..."""
+    return provider not in OURS and provider not in BASELINES and provider != "auto"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def limit_ms(work: dict, ceilings: dict | None) -> float | None:
+    """``max(bytes / copy bandwidth, FLOPs / matmul rate)`` in milliseconds.
+
+    ``work``: ``{"bytes": int, "flops": int, "dtype": str}`` (a bench module's ``work(config, mode)``);
+    ``ceilings``: :func:`ceilings`' dict (``copy_GBps``, ``bf16_matmul_TFLOPs``). None when there is no measured
+    copy bandwidth (a CPU run), or when the shape does FLOPs in a dtype whose matmul rate was not measured.
+    """
+    ceilings = ceilings or {}
+    copy = ceilings.get("copy_GBps")
+    if not copy:
+        return None
+    t = work["bytes"] / (copy * 1e9) * 1e3
+    if work.get("flops"):
+        rate = ceilings.get(MATMUL_RATE_KEYS.get(work.get("dtype", ""), ""))
+        if not rate:
+            return None
+        t = max(t, work["flops"] / (rate * 1e12) * 1e3)
+    return t
+
+
+def pct_of_limit(result: Result) -> float | None:
+    """``100 * limit / median``: how close the row is to the best time its shape allows."""
+    if result.limit_ms is None or not result.median_ms:
+        return None
+    return 100 * result.limit_ms / result.median_ms
+
+
+def best_peer_ms(results: list[Result]) -> dict[tuple[str, str, str], tuple[str, float]]:
+    """(op, config, mode) -> (provider, median) of the fastest peer (:func:`is_peer`) measured there."""
+    best: dict[tuple[str, str, str], tuple[str, float]] = {}
+    for r in results:
+        if is_peer(r.provider) and r.median_ms:
+            key = (r.op, r.config, r.mode)
+            if key not in best or r.median_ms < best[key][1]:
+                best[key] = (r.provider, r.median_ms)
+    return best
 
 
 def cpu_model() -> str:
@@ -253,34 +318,157 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
 
 
+def ceilings_line(ceilings: dict | None) -> str:
+    """One line naming the ceilings that the limits of a table were computed from ("" without any)."""
+    if not ceilings or not ceilings.get("copy_GBps"):
+        return ""
+    rate = ceilings.get("bf16_matmul_TFLOPs")
+    return (f"Limit of a shape = max(bytes / {ceilings['copy_GBps']:.0f} GB/s copy bandwidth (bytes read + written)"
+            + (f", bf16 FLOPs / {rate:.0f} TFLOP/s bf16 matmul rate" if rate else "") + "), "
+            + "both measured in this run.")
+
+
+LEGEND = ("median ms, p20, p80: median and 20th/80th percentiles of the time of one call; peak MB: see the notes "
+          "under each table; x ref: the eager reference's median over the row's (above 1: faster); x best peer: "
+          "the fastest installed peer's median over the row's (peers: every provider other than ours (cpu, triton, "
+          "cuda) and the references; reference-compiled is a baseline, not a peer); % of limit: 100 x the best time "
+          "the shape's bytes and FLOPs allow on the measured ceilings, over the row's median (GPU only).")
+
+
 def to_markdown(results: list[Result], env: dict, title: str, notes: dict[str, list[str]] | None = None) -> str:
     """Markdown: a header with the machine and versions, then one table per op.
 
     Rows are grouped per config and mode; ``x ref`` is the eager reference's median over the row's median in the
-    same config and mode (above 1: faster than the reference). ``notes`` adds lines under an op's table.
+    same config and mode (above 1: faster than the reference), ``x best peer`` the fastest peer's median over the
+    row's, and ``% of limit`` (only in a table where some row has a limit, i.e. a GPU run with measured ceilings)
+    ``100 * limit / median``. ``notes`` adds lines under an op's table.
     """
     lines = [f"# {title}", "", f"{env.get('device_name')} · {env.get('device')}"
              + (f" · {env['threads']} threads" if env.get("threads") else "")
              + f" · torch {env.get('torch')} · triton {env.get('triton')} · {env.get('date')}", ""]
+    limits = ceilings_line(env.get("ceilings"))
+    lines += ([limits, ""] if limits else []) + [LEGEND, ""]
     by_op: dict[str, list[Result]] = {}
     for r in results:
         by_op.setdefault(r.op, []).append(r)
     ref = {(r.op, r.config, r.mode): r.median_ms for r in results if r.provider == "reference" and r.median_ms}
+    peer = best_peer_ms(results)
     for op, rows in by_op.items():
         derived_keys = sorted({k for r in rows for k in r.derived})
+        with_limit = any(r.limit_ms is not None for r in rows)
         lines += [f"## {op}", "", "| config | mode | provider | median ms | p20 | p80 | peak MB | x ref | "
+                  + "x best peer | " + ("% of limit | " if with_limit else "")
                   + "".join(f"{k} | " for k in derived_keys) + "note |",
-                  "|" + "---|" * (9 + len(derived_keys))]
+                  "|" + "---|" * (10 + with_limit + len(derived_keys))]
         for r in rows:
-            base = ref.get((r.op, r.config, r.mode))
+            key = (r.op, r.config, r.mode)
+            base = ref.get(key)
             speedup = base / r.median_ms if base and r.median_ms else None
+            best = peer.get(key)
+            vs_peer = best[1] / r.median_ms if best and r.median_ms else None
+            pct = pct_of_limit(r)
             cells = [r.config, r.mode, r.provider, _fmt(r.median_ms, 4), _fmt(r.p20_ms, 4), _fmt(r.p80_ms, 4),
-                     _fmt(r.peak_mem_mb), "" if speedup is None else f"{speedup:.2f}"] + [
+                     _fmt(r.peak_mem_mb), "" if speedup is None else f"{speedup:.2f}",
+                     "" if vs_peer is None else f"{vs_peer:.2f}"] + (
+                ["" if pct is None else f"{pct:.1f}"] if with_limit else []) + [
                 _fmt(r.derived.get(k)) for k in derived_keys] + [(r.error or "").replace("|", "/")]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + [f"- {line}" for line in (notes or {}).get(op, [])]
         lines.append("")
     return "\n".join(lines)
+
+
+@dataclass
+class Goal:
+    """One GPU goal checked on one row: ``met`` is True, False or None (n.a.: not measurable in this run)."""
+    name: str
+    met: bool | None
+    value: str = ""  # the measured figure, or why it is n.a.
+
+
+def verdict(met: bool | None) -> str:
+    return "n.a." if met is None else ("yes" if met else "no")
+
+
+def speed_goal(name: str, ours: Result | None, other: Result | None, at_least: float) -> Goal:
+    """``other``'s median over ours at least ``at_least``; n.a. when ``other`` was not measured."""
+    if other is None or not other.median_ms:
+        return Goal(name, None, "not measured")
+    if ours is None or not ours.median_ms:
+        return Goal(name, False, "ours not measured")
+    x = other.median_ms / ours.median_ms
+    return Goal(name, x >= at_least, f"{x:.2f}x")
+
+
+def fraction_goal(name: str, value: float | None, at_least: float, what: str = "") -> Goal:
+    """``value`` (a fraction, e.g. of the copy bandwidth) at least ``at_least``; n.a. when None."""
+    if value is None:
+        return Goal(name, None, what or "no ceiling measured")
+    return Goal(name, value >= at_least, f"{100 * value:.0f}%")
+
+
+def at_a_glance(results: list[Result], env: dict, goals_for: Callable | None = None,
+                extra_goals: list[tuple[str, Goal]] = ()) -> str:
+    """Markdown: one row per (op, config, mode) for our fastest backend there, then every goal's verdict.
+
+    ``goals_for(op, config, mode, rows, ours)`` -> list of :class:`Goal` (``rows``: provider -> Result of that
+    (op, config, mode); ``ours``: our fastest Result there, or None). The goals are GPU goals: off CUDA each is
+    n.a.; on CUDA a row where none of our backends was measured meets none of its goals. ``extra_goals``:
+    (op, Goal) pairs not tied to a row (the training step's MFU).
+    """
+    gpu = str(env.get("device", "")).startswith("cuda")
+    groups: dict[tuple[str, str, str], dict[str, Result]] = {}
+    for r in results:
+        groups.setdefault((r.op, r.config, r.mode), {})[r.provider] = r
+    peers = best_peer_ms(results)
+    lines = ["# At a glance: our fastest backend per shape", "",
+             f"{env.get('device_name')} · {env.get('device')} · torch {env.get('torch')} · {env.get('date')}", ""]
+    limits = ceilings_line(env.get("ceilings"))
+    lines += ([limits, ""] if limits else []) + [
+        "x ref: eager reference / ours; x best peer: fastest installed peer / ours (references are baselines, not "
+        "peers); % of limit: 100 x limit / median. Goals: yes, no, or n.a. (not measurable in this run"
+        + ("" if gpu else "; every goal is a GPU goal") + ").", "",
+        "| op | config | mode | ours | median ms | x ref | x best peer | % of limit | goals |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    per_goal: dict[tuple[str, str], list[tuple[str, Goal]]] = {}
+    for (op, config, mode), rows in groups.items():
+        ours = [r for p, r in rows.items() if p in OURS and r.median_ms]
+        best = min(ours, key=lambda r: r.median_ms) if ours else None
+        goals = list(goals_for(op, config, mode, rows, best)) if goals_for else []
+        if not gpu:
+            goals = [Goal(g.name, None, "GPU goal") for g in goals]
+        elif best is None:  # our backends failed (or did not run) here: no goal of this row is met
+            goals = [Goal(g.name, False, "ours not measured") for g in goals]
+        for g in goals:
+            per_goal.setdefault((op, g.name), []).append((f"{config}, {mode}", g))
+        ref = rows.get("reference")
+        x_ref = ref.median_ms / best.median_ms if best and ref and ref.median_ms else None
+        peer = peers.get((op, config, mode))
+        x_peer = peer[1] / best.median_ms if best and peer else None
+        pct = pct_of_limit(best) if best else None
+        cells = [op, config, mode, best.provider if best else "— (none measured)",
+                 _fmt(best.median_ms, 4) if best else "", "" if x_ref is None else f"{x_ref:.2f}",
+                 "" if x_peer is None else f"{x_peer:.2f} ({peer[0]})", "" if pct is None else f"{pct:.1f}",
+                 ("n.a. (GPU goals)" if goals and not gpu else
+                  " · ".join(f"{g.name}: {verdict(g.met)}" + (f" ({g.value})" if g.value else "") for g in goals))]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    for op, g in extra_goals:
+        per_goal.setdefault((op, g.name), []).append(("", g))
+    lines += ["", "| op | goal | met | rows |", "|---|---|---|---|"]
+    for (op, name), checks in per_goal.items():
+        known = [g.met for _, g in checks if g.met is not None]
+        met = None if not known else all(known)
+        if len(checks) == 1:
+            where, g = checks[0]
+            detail = f"{where}: {g.value}" if where else g.value
+        elif not known:
+            detail = checks[0][1].value
+        else:
+            missed = [f"{where} ({g.value})" for where, g in checks if g.met is False]
+            detail = f"{sum(known)} of {len(known)} rows met" + (
+                "; not met: " + "; ".join(missed[:4]) + ("; ..." if len(missed) > 4 else "") if missed else "")
+        lines.append(f"| {op} | {name} | {verdict(met)} | {detail} |".replace("\n", " "))
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: list[Result], env: dict, path: Path, op: str, mode: str = "fwd+bwd") -> Path | None:

@@ -3,14 +3,21 @@
 Usage::
 
     python bench/run.py [--op NAME ...] [--device cpu|cuda] [--quick] [--modes fwd,bwd,fwd+bwd]
-                        [--providers NAME,...] [--out bench/results] [--no-memory] [--no-plots]
+                        [--providers NAME,...] [--out bench/results] [--no-memory] [--no-plots] [--summary PATH]
 
 Writes ``OUT/<device>-<date>.json`` and ``.md`` (``<device>-<date>-quick.*`` with ``--quick``) and one PNG per op,
 ``OUT/<device>-<date>-<op>.png`` (time and memory per provider across the op's sweep, fwd+bwd). A run with
 ``--op`` updates that op's rows in an existing file of the same device and date and keeps the others.
 
 Each op has its own script (``bench/bench_<op>.py``) with ``configs(device, quick)``, ``providers(device)``,
-``setup(config, provider, mode, device) -> callable`` and ``derived(config, mode, ms)``; this file runs them.
+``setup(config, provider, mode, device) -> callable``, ``derived(config, mode, ms)``, ``work(config, mode)`` (the
+bytes and FLOPs the shape needs) and ``goals(...)`` (its GPU goals); this file runs them.
+On a GPU the copy bandwidth and the bf16 matmul rate are measured once at the start (``harness.ceilings``, kept
+in the JSON's environment); each row's ``limit_ms`` is the best time its bytes and FLOPs allow on them and the
+tables show ``% of limit``. ``--summary PATH`` also writes (and rewrites after every config) a short markdown
+table: our fastest backend per (op, config, mode) with x ref, x best peer, % of limit and whether each GPU goal
+was met (bench/README.md); the training step's MFU goal is read from ``OUT/train_throughput-<device>-<date>.json``
+when that file exists.
 Timing: on a GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed before every call), on a CPU wall time
 after a warm-up call, at least 5 calls; median, 20th and 80th percentiles. Memory: on a GPU the peak allocated
 during one call above what was allocated before; on a CPU the growth of the peak resident size over one call,
@@ -68,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=BENCH / "results", help="output folder (default: bench/results)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--summary", type=Path, default=None, metavar="PATH",
+                    help="also write an at-a-glance markdown table to PATH: our fastest backend per (op, config, "
+                         "mode), x ref, x best peer, %% of limit, and each GPU goal met (yes/no/n.a.)")
     ap.add_argument("--memory-child", nargs=2, metavar=("OP", "PROVIDER"), help=argparse.SUPPRESS)
     return ap
 
@@ -115,11 +125,12 @@ def cpu_memory(op: str, provider: str, quick: bool, modes: list[str]) -> dict:
 
 def run_op(op: str, device: torch.device, quick: bool, modes: list[str], only: list[str] | None, memory: bool,
            on_config: Callable[[list[harness.Result], list[str]], object] | None = None,
-           ) -> tuple[list[harness.Result], list[str]]:
+           ceilings: dict | None = None) -> tuple[list[harness.Result], list[str]]:
     """Time (and measure the memory of) every runnable provider of ``op`` on every config and mode.
 
     ``only`` restricts the providers (names ``op`` does not have are ignored); ``on_config(results, notes)`` is
-    called after each config, so that a caller can save partial results.
+    called after each config, so that a caller can save partial results. Each row gets the bytes and FLOPs of
+    its shape (``work``) and, with ``ceilings`` (:func:`harness.ceilings`), the limit they allow.
     """
     from tqdm import tqdm
 
@@ -138,20 +149,39 @@ def run_op(op: str, device: torch.device, quick: bool, modes: list[str], only: l
                                              lambda: module.setup(config, provider, mode, device), device,
                                              lambda ms: module.derived(config, mode, ms), **timing)
                     result.size, result.series = config.size, config.series
+                    work = module.work(config, mode)
+                    result.bytes, result.flops = work["bytes"], work["flops"]
+                    result.limit_ms = harness.limit_ms(work, ceilings)
+                    _memory_derived(module, config, result)
                     results.append(result)
                     bar.update()
             if on_config is not None:
                 on_config(results, notes)
     if memory and device.type == "cpu":
+        by_name = {c.name: c for c in module.configs(device, quick)}
         for provider in tqdm(runnable, desc=f"{op} memory", unit="provider", file=sys.stderr, leave=False):
             peaks = cpu_memory(op, provider, quick, modes)
             for r in results:
                 if r.provider == provider and r.error is None:
                     r.peak_mem_mb = peaks.get(f"{r.config}|{r.mode}")
+                    _memory_derived(module, by_name[r.config], r)
         notes.append("peak MB: growth of the peak resident size over one call, in a fresh subprocess per provider")
     elif device.type == "cuda":
         notes.append("peak MB: peak allocated during one call above what was allocated before it")
+    if any(r.limit_ms is not None for r in results):
+        notes.append("% of limit: 100 x max(bytes / copy bandwidth, FLOPs / bf16 matmul rate) over the median; "
+                     "bytes and FLOPs as bench/README.md counts them")
+    elif ceilings and results:
+        notes.append("% of limit: none, the FLOPs of these shapes are not bf16 and only the bf16 matmul rate is "
+                     "measured")
     return results, notes
+
+
+def _memory_derived(module, config, result: harness.Result) -> None:
+    """Adds the module's memory-derived values (linear CE: the extra memory) once the peak is known."""
+    fn = getattr(module, "memory_derived", None)
+    if fn is not None and result.peak_mem_mb is not None and result.error is None:
+        result.derived.update({k: float(f"{v:.4g}") for k, v in fn(config, result.mode, result.peak_mem_mb).items()})
 
 
 def write_outputs(out: Path, stem: str, results: list[harness.Result], env: dict, notes: dict[str, list[str]],
@@ -172,6 +202,45 @@ def write_outputs(out: Path, stem: str, results: list[harness.Result], env: dict
             if png is not None:
                 written.append(png)
     return written
+
+
+TRAIN_GOAL = ">= 45% MFU (AIMv2-L, batch 128)"
+TRAIN_PRESET, TRAIN_BATCH, TRAIN_MFU = "aimv2-large-patch14-224", 128, 0.45
+
+
+def train_goal(path: Path) -> harness.Goal:
+    """The AIMv2-L step's MFU goal from a ``bench/train_throughput.py`` JSON (our best backend's MFU), n.a. when
+    that file is missing or measured something else."""
+    if not path.exists():
+        return harness.Goal(TRAIN_GOAL, None, f"no {path.name} (bench/train_throughput.py writes it)")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return harness.Goal(TRAIN_GOAL, None, f"{path.name} unreadable ({type(exc).__name__})")
+    if info.get("preset") != TRAIN_PRESET or info.get("batch_size") != TRAIN_BATCH:
+        return harness.Goal(TRAIN_GOAL, None,
+                            f"{path.name} measured {info.get('preset')}, batch {info.get('batch_size')}")
+    rows = [r for r in info.get("rows", []) if r.get("backend") != "reference" and r.get("mfu") is not None]
+    if not rows:
+        return harness.Goal(TRAIN_GOAL, None, f"{path.name} has no MFU of our backends")
+    best = max(rows, key=lambda r: r["mfu"])
+    return harness.Goal(TRAIN_GOAL, best["mfu"] >= TRAIN_MFU,
+                        f"{100 * best['mfu']:.1f}% ({best['backend']}, {best['mode']})")
+
+
+def write_summary(path: Path, json_path: Path, device: torch.device, quick: bool, train_json: Path) -> Path:
+    """The at-a-glance markdown (:func:`harness.at_a_glance`) of every row in ``json_path``."""
+    results, env = harness.load(json_path)
+    configs = {(op, c.name): (module, c) for op, module in OPS.items() for c in module.configs(device, quick)}
+
+    def goals_for(op, config, mode, rows, ours):
+        module, cfg = configs.get((op, config), (None, None))
+        return [] if cfg is None else module.goals(cfg, mode, rows, ours, env.get("ceilings") or {})
+
+    text = harness.at_a_glance(results, env, goals_for, [("training step", train_goal(train_json))])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,17 +264,24 @@ def main(argv: list[str] | None = None) -> int:
         env["ceilings"] = harness.ceilings(device)
     env["quick"] = args.quick
     stem = f"{device.type}-{env['date']}" + ("-quick" if args.quick else "")
+    train_json = args.out / f"train_throughput-{device.type}-{env['date']}.json"
     written: list[Path] = []
     for op in ops:
         # Saved after every config (and with plots after every op), so that a run stopped by a time limit keeps
         # what it measured.
         def save(results, notes, plots=False, op=op):
-            return write_outputs(args.out, stem, results, env, {op: notes}, plots)
-        results, notes = run_op(op, device, args.quick, args.modes, args.providers, not args.no_memory, save)
+            paths = write_outputs(args.out, stem, results, env, {op: notes}, plots)
+            if args.summary is not None:  # kept current too, so a run stopped by a time limit has one
+                write_summary(args.summary, paths[0], device, args.quick, train_json)
+            return paths
+        results, notes = run_op(op, device, args.quick, args.modes, args.providers, not args.no_memory, save,
+                                env.get("ceilings"))
         written = save(results, notes, not args.no_plots)
         print(f"{op}: {sum(r.error is None for r in results)} measured, {sum(r.error is not None for r in results)} "
               f"failed ({datetime.datetime.now():%H:%M:%S})", file=sys.stderr)
     print(written[1].read_text())
+    if args.summary is not None:
+        written.append(args.summary)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -91,10 +91,10 @@ def model_flops_breakdown(cfg: AIMv2Config, batch: int, prefix_lens=None, *,
     Norms, softmax, element-wise ops and the optimizer are not counted.
 
     Attention (both matmuls, ``QK^T`` and ``PV``), with ``D`` the model width (heads x head dim):
-    ``attention="visible"`` counts the visible (query, key) pairs, as DESIGN.md's performance accounting
-    does: prefix-causal encoder ``2 D sum_b (N^2 + M_b^2)`` per block, causal decoder ``2 B S^2 D`` (half of
-    full); ``attention="dense"`` counts every pair, ``4 B S^2 D`` per block, which is what the reference
-    backend computes (dense scores, then a mask).
+    ``attention="visible"`` counts the visible (query, key) pairs, as the op benchmarks' accounting
+    (bench/README.md) does: prefix-causal encoder ``2 D sum_b (N^2 + M_b^2)`` per block, causal decoder
+    ``2 B S^2 D`` (half of full); ``attention="dense"`` counts every pair, ``4 B S^2 D`` per block, which is
+    what the reference backend computes (dense scores, then a mask).
 
     Args:
         cfg: the model's config.
@@ -139,9 +139,9 @@ def model_flops_per_step(cfg: AIMv2Config, batch: int, prefix_lens=None, *, atte
 
     Every matmul costs 3x its forward (the forward, the gradient of its input, the gradient of its weight),
     except the patch embedding, 2x: nothing needs the gradient of the images. These are model FLOPs: an
-    attention kernel that recomputes the scores in its backward (DESIGN.md counts that backward as 2.5x the
-    forward) does more work than this counts, and masked-out score blocks that a dense kernel computes anyway
-    are not counted with ``attention="visible"``. Arguments as :func:`model_flops_breakdown`.
+    attention kernel that recomputes the scores in its backward (bench/README.md counts that backward as 2.5x
+    the forward) does more work than this counts, and masked-out score blocks that a dense kernel computes
+    anyway are not counted with ``attention="visible"``. Arguments as :func:`model_flops_breakdown`.
     """
     parts = model_flops_breakdown(cfg, batch, prefix_lens, attention=attention)
     return 2 * parts["patch_embed"] + 3 * sum(v for k, v in parts.items() if k != "patch_embed")
