@@ -2,15 +2,15 @@
 # The whole GPU check in one call: bash bench/gpu_check.sh [--dry-run] OUTDIR
 #
 # On a machine with an NVIDIA GPU (the lent H200: torch 2.11, triton 3.6, Python 3.12, 16 cores, no network) the
-# stages run in this order, each under its own time cap (seconds, about 8 minutes in all):
+# stages run in this order, each under its own time cap (seconds; 470 in all, under 8 minutes):
 #   env        the GPU, the versions; peers from .whl/ (make gpu-wheels) installed into a temporary folder
-#   build      pip install -e . with the CUDA extension for this GPU's architecture, ptxas report     (150)
+#   build      pip install -e . with the CUDA extension for this GPU's architecture, ptxas report     (130)
 #   triton     the Triton ops' correctness tests on the GPU                                             (60)
 #   cuda       the backend="cuda" tests, in a process of their own (a kernel fault poisons its process) (40)
 #   bench      every op against its reference and the installed peers, "% of limit" per row          (140)
 #   train      the AIMv2-L training step, batch 128, eager, every backend (MFU)                         (50)
-#   profile    the op shares of that step (torch profiler)                                              (30)
-#   smoke      aimv2-train (bf16 autocast, checkpoint, resume) and aimv2-probe on the GPU, tiny preset  (30)
+#   profile    the op shares of that step (torch profiler)                                              (25)
+#   smoke      aimv2-train (bf16 autocast, checkpoint, resume) and aimv2-probe on the GPU, tiny preset  (25)
 # A stage that fails or hits its cap does not stop the next one; what it measured before its cap is kept (the
 # benchmarks save after every config). Each stage prints its exit code and wall time.
 #
@@ -134,7 +134,7 @@ build() {
 }
 export PY DEV ARCH SCRATCH DETAIL SMOKE_STEPS SMOKE_PROBE
 export -f build
-stage build 150 bash -c build
+stage build 130 bash -c build
 grep -E "ptxas info\s*: Used|spill" "$DETAIL/build.log" > "$DETAIL/ptxas.txt" 2>/dev/null
 "$PY" -c "import aimv2_kernels._C as C; print('extension: WITH_CUDA =', C.WITH_CUDA)" 2>&1 | tee -a "$DETAIL/build.log"
 
@@ -155,7 +155,7 @@ stage bench 140 "$PY" bench/run.py --device "$DEV" --modes fwd,fwd+bwd --out "$D
   --summary "$DETAIL/bench_summary.md" "${QUICK[@]}"
 stage train 50 "$PY" bench/train_throughput.py --device "$DEV" --preset "$PRESET" --batch-size "$BATCH" \
   --steps "$STEPS" --warmup "$WARMUP" --modes eager --out "$DETAIL/train"
-stage profile 30 "$PY" bench/train_throughput.py --device "$DEV" --preset "$PRESET" --batch-size "$BATCH" \
+stage profile 25 "$PY" bench/train_throughput.py --device "$DEV" --preset "$PRESET" --batch-size "$BATCH" \
   --profile --profile-out "$DETAIL/train/trace-$PRESET-$DEV.json.gz" --out "$DETAIL/train"
 
 # --- the trainer and the probe end to end ----------------------------------------------------------------------
@@ -173,7 +173,7 @@ smoke() {
   return $rc
 }
 export -f smoke
-stage smoke 30 bash -c smoke
+stage smoke 25 bash -c smoke
 
 # --- summary ---------------------------------------------------------------------------------------------------
 TOTAL=$(( $(date +%s) - T0 ))
