@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .attention_forward import (LOG2E, _round, _visible, device_guard, dot_args, make_configs, prefix_arg,
-                                prepare_inputs, shared_memory_pruner)
+from .attention_forward import (INTERPRET_CONFIGS, LOG2E, _round, _visible, attention_rule, device_guard, dot_args,
+                                make_configs, prefix_arg, prepare_inputs)
+from .tuning import tuned
 
 _DELTA_BLOCK = 64
 
@@ -45,23 +46,25 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, 
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, start, end, offs_m, offs_n, prefix, seq_len,
-                stride_qs, stride_dos, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, start, end, offs_m, offs_n, offs_d, prefix,
+                seq_len, stride_qs, stride_dos, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                 BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK (unscaled) and dV of one key tile over query tiles ``[start, end)``; transposed scores.
 
-    ``k`` and ``v`` are already in ``DOT_DTYPE``.
+    ``k`` and ``v`` are already in ``DOT_DTYPE``; ``q_base``/``do_base`` point at this (batch, head).
     """
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
+        qT_ptrs = q_base + rows[None, :] * stride_qs + offs_d[:, None]
+        do_ptrs = do_base + rows[:, None] * stride_dos + offs_d[None, :]
         if MASKED:
-            qT = tl.load(qT_ptrs + start_m * stride_qs, mask=rows[None, :] < seq_len, other=0.0)
-            do = tl.load(do_ptrs + start_m * stride_dos, mask=rows[:, None] < seq_len, other=0.0)
+            qT = tl.load(qT_ptrs, mask=rows[None, :] < seq_len, other=0.0)
+            do = tl.load(do_ptrs, mask=rows[:, None] < seq_len, other=0.0)
             lse2 = tl.load(lse_ptr + rows, mask=rows < seq_len, other=0.0)
             delta = tl.load(delta_ptr + rows, mask=rows < seq_len, other=0.0)
         else:
-            qT = tl.load(qT_ptrs + start_m * stride_qs)
-            do = tl.load(do_ptrs + start_m * stride_dos)
+            qT = tl.load(qT_ptrs)
+            do = tl.load(do_ptrs)
             lse2 = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
         qT_dot = qT.to(DOT_DTYPE)
@@ -83,12 +86,35 @@ def _dkdv_smem(config, elt, head_dim):
     return elt * (2 * bn * head_dim + stages * 2 * bm * head_dim + bm * bn)
 
 
-@triton.autotune(
-    configs=make_configs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
-                         (16, 16, 4, 1)),
-    key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"],
-    prune_configs_by={"early_config_prune": shared_memory_pruner(_dkdv_smem)},
-)
+# dK/dV tiles (BLOCK_M query rows per step, BLOCK_N keys per program), expected best first on an H100/H200 (not
+# benchmarked here). The program keeps k, v and the fp32 dk, dv of its BLOCK_N keys in registers, so at D = 128
+# only BLOCK_N = 64 with small query steps fits. Of the 5 former configs, at D = 128, 4 spilled on sm_90a
+# ((32, 128, 4, 3): 5864 B; (64, 128, 4, 2): 8748 B; (64, 64, 4, 3): 584 B; (64, 128, 8, 2): 88 B; Triton 3.6)
+# and all 5 on sm_80 (with Triton 3.9; (32, 64, 4, 3) by 24 B). The 8-warp tiles were added for that.
+_DKDV_TILES = [(64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (32, 64, 4, 3)]
+# fp32 ("ieee", FMA): 16 x 16 with 4 warps and 1 stage: 70-112 registers on both targets and versions. 16 x 32
+# with 8 warps also stayed clean, but at up to 186 registers (Triton 3.9, sm_90a, D = 128); 32 x 32 tiles spill
+# there (8 warps: 1048 B with Triton 3.6, 972 B with 3.9).
+_DKDV_TILES_FP32 = [(16, 16, 4, 1)]
+# Tiles that spill, by (sm_90+, element bytes, D class): worst spill stores + loads over the masking modes,
+# Triton 3.6 / 3.9, bytes.
+_DKDV_SPILLS = {
+    (True, 2, 128): {(64, 128, 8, 2),  # 88 / 544
+                     (64, 64, 8, 3),  # 0 / 96 (187-255 registers)
+                     (32, 128, 8, 2)},  # 0 / 12 (220-255 registers)
+    (False, 2, 128): {(64, 128, 8, 2),  # 10000 / 10140
+                      (32, 128, 8, 2),  # 18312 / 18896
+                      (32, 64, 4, 3)},  # 0 / 24 (255 registers)
+    (False, 2, 64): {(64, 128, 8, 2),  # 0 / 32 (255 registers)
+                     (64, 64, 8, 3),  # 44 / 20
+                     (32, 128, 8, 2)},  # 0 / 8
+}
+DKDV_CONFIGS = make_configs(_DKDV_TILES + _DKDV_TILES_FP32)
+
+
+@tuned("attn_bwd_dkdv", DKDV_CONFIGS, attention_rule(_dkdv_smem, _DKDV_TILES_FP32, _DKDV_SPILLS),
+       interpret_configs=INTERPRET_CONFIGS,
+       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -124,19 +150,21 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
                 other=0.0).to(DOT_DTYPE)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=keys,
                 other=0.0).to(DOT_DTYPE)
-    qT_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[None, :] * stride_qs + offs_d[:, None]
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :]
+    # Scalar bases; the loops form each tile's addresses (see _attn_fwd_kernel: fewer registers).
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
     lse_ptr = LSE + pid_bh * S
     delta_ptr = DELTA + pid_bh * S
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, lo, mid, offs_m, offs_n, prefix, S,
-                         stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, mid, s_full, offs_m, offs_n, prefix,
-                         S, stride_qs, stride_dos, qk_scale, CAUSAL, False, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, s_full, S, offs_m, offs_n, prefix,
-                         S, stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, lo, mid, offs_m, offs_n, offs_d,
+                         prefix, S, stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, mid, s_full, offs_m, offs_n, offs_d,
+                         prefix, S, stride_qs, stride_dos, qk_scale, CAUSAL, False, BLOCK_M, DOT_DTYPE,
+                         DOT_PRECISION)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, s_full, S, offs_m, offs_n, offs_d,
+                         prefix, S, stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
 
     out_offs = pid_bh * S * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_offs, _round(dk * scale, DK.dtype.element_ty, DOT_DTYPE), mask=keys)
@@ -144,18 +172,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, start, end, offs_m, offs_n, prefix, seq_len,
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, start, end, offs_m, offs_n, offs_d, prefix, seq_len,
               stride_ks, stride_vs, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ (unscaled) of one query tile over key tiles ``[start, end)``; q, do in ``DOT_DTYPE``."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
+        kT_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+        vT_ptrs = v_base + cols[None, :] * stride_vs + offs_d[:, None]
         if MASKED:
-            kT = tl.load(kT_ptrs + start_n * stride_ks, mask=cols[None, :] < seq_len, other=0.0)
-            vT = tl.load(vT_ptrs + start_n * stride_vs, mask=cols[None, :] < seq_len, other=0.0)
+            kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
+            vT = tl.load(vT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
         else:
-            kT = tl.load(kT_ptrs + start_n * stride_ks)
-            vT = tl.load(vT_ptrs + start_n * stride_vs)
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
         kT_dot = kT.to(DOT_DTYPE)
         qk = tl.dot(q, kT_dot, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -172,12 +202,28 @@ def _dq_smem(config, elt, head_dim):
     return elt * (2 * bm * head_dim + stages * 2 * bn * head_dim + bm * bn)
 
 
-@triton.autotune(
-    configs=make_configs([(128, 32, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-                         (16, 16, 4, 1)),
-    key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"],
-    prune_configs_by={"early_config_prune": shared_memory_pruner(_dq_smem)},
-)
+# dQ tiles, expected best first on an H100/H200 (not benchmarked here). 8 warps replace the former 4-warp
+# 128-row tiles, which spilled ((128, 32, 4, 3): 488 B on sm_90a at D = 128, 2640 B on sm_80; (128, 64, 4, 2):
+# 2248 B / 8540 B; Triton 3.6), and (64, 64, 4, 3), which spilled 12 B on sm_80 at both head dims.
+_DQ_TILES = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
+# fp32 ("ieee", FMA): 16 x 16 with 4 warps: 72-80 registers on both targets and versions (32 x 64 with 8 warps,
+# 74-118 registers, also fits but compiles twice as long; 32 x 32 with 8 warps spilled 824 B on sm_90a at
+# D = 128 with Triton 3.9).
+_DQ_TILES_FP32 = [(16, 16, 4, 2)]
+# Tiles that spill (sm_90a: none of these), by (sm_90+, element bytes, D class): worst spill stores + loads
+# over the masking modes, Triton 3.6 / 3.9, bytes.
+_DQ_SPILLS = {
+    (False, 2, 128): {(128, 64, 8, 2),  # 760 / 728
+                      (128, 32, 8, 3)},  # 20 / 20
+    (False, 2, 64): {(128, 64, 8, 2),  # 20 / 60
+                     (64, 64, 8, 3)},  # 44 / 116
+}
+DQ_CONFIGS = make_configs(_DQ_TILES + _DQ_TILES_FP32)
+
+
+@tuned("attn_bwd_dq", DQ_CONFIGS, attention_rule(_dq_smem, _DQ_TILES_FP32, _DQ_SPILLS),
+       interpret_configs=INTERPRET_CONFIGS,
+       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"])
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
                         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -213,13 +259,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
                  other=0.0).to(DOT_DTYPE)
     lse2 = tl.load(LSE + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
     delta = tl.load(DELTA + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
-    kT_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None]
-    vT_ptrs = V + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vs + offs_d[:, None]
+    k_base = K + b * stride_kb + h * stride_kh  # scalar bases: see _attn_fwd_kernel
+    v_base = V + b * stride_vb + h * stride_vh
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, 0, full_end, offs_m, offs_n, prefix, S,
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, 0, full_end, offs_m, offs_n, offs_d, prefix, S,
                    stride_ks, stride_vs, qk_scale, CAUSAL, False, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, kT_ptrs, vT_ptrs, full_end, hi, offs_m, offs_n, prefix, S,
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, full_end, hi, offs_m, offs_n, offs_d, prefix, S,
                    stride_ks, stride_vs, qk_scale, CAUSAL, True, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
     tl.store(DQ + pid_bh * S * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              _round(dq * scale, DQ.dtype.element_ty, DOT_DTYPE), mask=rows)

@@ -15,51 +15,64 @@ the config helpers and :func:`prepare_inputs` from here.
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .._alloc import new_output
+from .tuning import INTERPRET, tuned
 
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def make_configs(gpu_tiles, interpret_tile):
-    """Autotune configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples.
-
-    Under ``TRITON_INTERPRET=1`` only ``interpret_tile`` is used, so tests neither autotune nor wait.
-    """
-    tiles = [interpret_tile] if INTERPRET else gpu_tiles
+def make_configs(tiles):
+    """Autotune configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples, in the given order."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
-@functools.lru_cache(maxsize=None)
-def _max_shared_memory(device_index: int) -> int:
-    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
-    return int(props["max_shared_mem"])
+def tile(config) -> tuple:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of an attention config."""
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
 
-def shared_memory_pruner(estimate):
-    """An ``early_config_prune`` keeping configs whose ``estimate(config, elt_bytes, head_dim)`` fits the device.
+# Under TRITON_INTERPRET=1 every attention kernel gets this one config, so tests neither autotune nor wait.
+INTERPRET_CONFIGS = make_configs([(16, 16, 4, 1)])
 
-    The device limit is queried lazily (first launch, GPU only). The config with the smallest estimate is
-    always kept, so a launch never runs out of configs; the autotuner also skips configs that fail to compile.
+
+def attention_rule(estimate, fp32_tiles, spills):
+    """The pruning rule of an attention kernel (see :mod:`.tuning`). It keeps the configs that
+
+    1. suit the inputs' precision: fp32 (``DOT_PRECISION="ieee"``: FMA products, no tensor cores, many more
+       registers per tile) uses ``fp32_tiles`` only, fp16/bf16 every other tile;
+    2. do not spill registers on the target: ``spills[(target.hopper, element bytes, 128 if D > 64 else 64)]``
+       lists the tiles ptxas spilled for that target family (sm_90 and later; sm_80-89) and head dimension,
+       measured with ``tools/triton_compile_check.py --all`` (Triton 3.6 and 3.9, every masking mode). Head
+       dimensions 16 and 32 use the D = 64 entry: they need fewer registers per tile, and are not compiled by
+       the check;
+    3. fit the target's shared memory by ``estimate(config, elt_bytes, head_dim)`` (bytes).
+
+    When none fits, the one with the smallest estimate among those left by 1 and 2 is kept, so that a launch
+    always has a config.
     """
-    def prune(configs, named_args, **kwargs):
-        if INTERPRET or len(configs) == 1:
-            return configs
-        args = {**named_args, **kwargs}
+    fp32_tiles = set(fp32_tiles)
+
+    def candidates(configs, args):
+        """The configs of the inputs' precision (step 1)."""
+        fp32 = args["Q"].element_size() == 4
+        return [c for c in configs if (tile(c) in fp32_tiles) == fp32] or configs
+
+    def rule(configs, args, target):
         elt, head_dim = args["Q"].element_size(), args["HEAD_DIM"]
-        limit = _max_shared_memory(triton.runtime.driver.active.get_current_device())
-        sizes = [estimate(c, elt, head_dim) for c in configs]
-        kept = [c for c, size in zip(configs, sizes) if size <= limit]
-        return kept or [configs[sizes.index(min(sizes))]]
-    return prune
+        excluded = spills.get((target.hopper, elt, 128 if head_dim > 64 else 64), ())
+        ok = candidates(configs, args)
+        ok = [c for c in ok if tile(c) not in excluded] or ok
+        sizes = [estimate(c, elt, head_dim) for c in ok]
+        kept = [c for c, size in zip(ok, sizes) if size <= target.max_shared_memory]
+        return kept or [ok[sizes.index(min(sizes))]]
+    rule.candidates = candidates  # for tools/triton_compile_check.py --all
+    return rule
 
 
 def dot_args(dtype: torch.dtype) -> dict:
@@ -117,22 +130,25 @@ def _round(x, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, start, end, offs_m, offs_n, prefix, seq_len,
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, start, end, offs_m, offs_n, offs_d, prefix, seq_len,
                stride_ks, stride_vs, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online-softmax update over key tiles ``[start, end)``; scores in log2 units (``qk_scale`` has log2 e).
 
     ``q`` is already in ``DOT_DTYPE``; ``p`` is rounded to v's dtype before the second product, as in the
-    reference and FlashAttention.
+    reference and FlashAttention. ``k_base``/``v_base`` point at this (batch, head); the tile addresses are
+    formed inside the loop (see :func:`_attn_fwd_kernel`).
     """
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
+        kT_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
         if MASKED:
-            kT = tl.load(kT_ptrs + start_n * stride_ks, mask=cols[None, :] < seq_len, other=0.0)
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=cols[:, None] < seq_len, other=0.0)
+            kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < seq_len, other=0.0)
         else:
-            kT = tl.load(kT_ptrs + start_n * stride_ks)
-            v = tl.load(v_ptrs + start_n * stride_vs)
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
         qk = tl.dot(q, kT.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             qk = tl.where(_visible(offs_m[:, None], cols[None, :], prefix, seq_len, CAUSAL), qk, float("-inf"))
@@ -151,12 +167,44 @@ def _fwd_smem(config, elt, head_dim):
     return elt * (bm * head_dim + stages * 2 * bn * head_dim + bm * bn)
 
 
-@triton.autotune(
-    configs=make_configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                          (64, 32, 4, 3)], (16, 16, 4, 1)),
-    key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"],
-    prune_configs_by={"early_config_prune": shared_memory_pruner(_fwd_smem)},
-)
+# Hopper review (Triton 3.6 / 3.9, PTX of tools/triton_compile_check.py):
+# * Products: tl.dot. Every fp16/bf16 config below compiles to wgmma on sm_90a (num_warps 4 or 8, and the M of
+#   each product, BLOCK_M here and in dQ, BLOCK_N in dK/dV, is >= 64); sm_80 gets mma.sync. fp32 inputs use
+#   input_precision "ieee", which no tensor-core instruction offers: FMA, hence the separate small fp32 tiles
+#   (tf32 / 3xtf32 would change the results).
+# * Loads: pointer tl.load, pipelined by num_stages (cp.async into a shared-memory ring), not tensor descriptors
+#   / TMA (tl.make_tensor_descriptor): left to the TMA issue. Known so far: TMA needs a 16-byte aligned base and
+#   strides (true for AIMv2's qkv views), descriptors made on the device need a global scratch allocator
+#   (triton.set_allocator), Triton lowers descriptors to pointer loads below sm_90 (so one kernel serves both),
+#   and its interpreter runs them. TMA would also free the address registers that, with the fp32
+#   accumulators, decide which tiles spill below.
+# * Tiles at D = 128: 128 x 64 with 8 warps (two warpgroups of 64 query rows) is the usual FlashAttention-2
+#   forward tile on Hopper; at D = 64, 128 x 128 with 8 warps and 128 x 64 with 4 also fit. num_stages 2-3:
+#   128 x 64 x 3 stages takes 131072 B of the 232448 B of shared memory at D = 128 (bf16).
+#
+# fp16/bf16 tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), expected best first on an H100/H200 at D = 128
+# (not benchmarked here); AIMV2_AUTOTUNE_MAX_CONFIGS=N keeps the first N that the rule keeps. (64, 128, 4, 3),
+# formerly listed, is gone: it spilled at D = 128 on both targets (Triton 3.9: 8 B on sm_90a, 60 B on sm_80).
+_FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3), (64, 32, 4, 3)]
+# fp32 ("ieee", FMA): one tile. 32 x 64 with 8 warps and 1 stage stays at 64-195 registers on both targets and
+# both versions. Larger fp32 tiles spill kilobytes (64 x 64 with 8 warps: 67760 B on sm_90a at D = 128, Triton
+# 3.6); 16 x 64 spilled with Triton 3.9 on sm_80, 32 x 32 on sm_90a, both at D = 128.
+_FWD_TILES_FP32 = [(32, 64, 8, 1)]
+# Tiles that spill registers, by (sm_90+, element bytes, D class): worst spill stores + loads over the masking
+# modes with Triton 3.6 / 3.9, in bytes.
+_FWD_SPILLS = {
+    (True, 2, 128): {(128, 64, 4, 3)},  # 496 / 776 at 255 registers (8 warps: 176-182 registers, no spill)
+    (False, 2, 128): {(128, 64, 4, 3),  # 764 / 860
+                      (128, 64, 8, 3),  # 0 / 24 (211-255 registers)
+                      (128, 128, 8, 2)},  # 24 / 80 (also above sm_80's shared memory by the estimate)
+    (False, 2, 64): {(128, 64, 4, 3)},  # 0 / 32
+}
+FWD_CONFIGS = make_configs(_FWD_TILES + _FWD_TILES_FP32)
+
+
+@tuned("attn_fwd", FWD_CONFIGS, attention_rule(_fwd_smem, _FWD_TILES_FP32, _FWD_SPILLS),
+       interpret_configs=INTERPRET_CONFIGS,
+       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"])
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -188,16 +236,23 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < S, other=0.0).to(DOT_DTYPE)
-    kT_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    # Scalar bases; the loops form each tile's addresses (here and in the backward kernels). Before, tensors of
+    # 64-bit pointers ([HEAD_DIM, BLOCK_N] here) were made once and carried through every loop. Same loads, same
+    # results, fewer registers: with Triton 3.6 (bf16, worst masking mode) 27 of the 64 (config, target, head
+    # dim) cases of the former config lists spill instead of 31, e.g. this kernel's 128x64 tile with 4 warps
+    # at D = 128 on sm_90a 496 B instead of 1556, dQ's 128x64/4 warps on sm_80 8540 B instead of 50516, dK/dV's
+    # 32x64/4 warps on sm_80 0 instead of 12 (Triton 3.9: 24); a few grow (dK/dV 64x128/4 warps, sm_80, D = 64:
+    # 8004 B instead of 4220). tools/triton_compile_check.py measures them.
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # Key 0 is visible to every query, so each row has a finite maximum after the first tile.
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, 0, full_end, offs_m, offs_n, prefix, S,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, 0, full_end, offs_m, offs_n, offs_d, prefix, S,
                                stride_ks, stride_vs, qk_scale, CAUSAL, False, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, kT_ptrs, v_ptrs, full_end, hi, offs_m, offs_n, prefix, S,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, full_end, hi, offs_m, offs_n, offs_d, prefix, S,
                                stride_ks, stride_vs, qk_scale, CAUSAL, True, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
 
     out = acc / l_i[:, None]

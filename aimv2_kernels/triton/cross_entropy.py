@@ -1,7 +1,6 @@
 """Triton softmax cross-entropy: one kernel computes lse, the loss and d(logits) per row; the custom op on top."""
 # No ``from __future__ import annotations``: torch.library.custom_op infers the op's schema from the
 # annotations of the decorated function.
-import os
 from typing import Optional
 
 import torch
@@ -10,18 +9,26 @@ import triton.language as tl
 
 from .._alloc import new_output
 from .._cross_entropy_op import define_cross_entropy_ops, flat_cross_entropy
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .tuning import tuned
 
 
 def _configs():
-    """Block sizes over V. Under the interpreter: one small block (no autotuning, fast tests)."""
-    if _interpret():
-        return [triton.Config({"BLOCK_V": 256}, num_warps=4)]
+    """``(BLOCK_V, num_warps)`` on a GPU, expected best first for AIMv2's V = 32000 on an H100/H200 (not
+    benchmarked here): 8 to 32 elements per thread (whole 16-byte loads), fewest loop trips first; then the
+    small blocks that short rows need. Under the interpreter the autotuner gets ``_INTERPRET_CONFIGS`` instead.
+
+    7 of the former 18 (BLOCK_V 256 to 8192, each with 4, 8 and 16 warps), so that autotuning and the compile
+    check (tools/triton_compile_check.py: 32 specializations, two targets) stay short. Dropped: 2 or 4 elements
+    per thread on wide blocks (1024 with 8 or 16 warps, 2048 with 16), 64 per thread (8192 with 4 warps, the most
+    registers), repeats of a kept per-thread count ((2048, 8), (4096, 4), (4096, 16)), and 8 or 16 warps on the
+    256 and 512 blocks. None of the 18 spilled: at most 128 registers (Triton 3.6) / 124 (3.9), at BLOCK_V=8192
+    with 4 warps in fp32 with every pass on.
+    """
     return [triton.Config({"BLOCK_V": b}, num_warps=w)
-            for b in (256, 512, 1024, 2048, 4096, 8192) for w in (4, 8, 16)]
+            for b, w in ((4096, 8), (8192, 16), (2048, 4), (8192, 8), (1024, 4), (512, 4), (256, 4))]
+
+
+_INTERPRET_CONFIGS = [triton.Config({"BLOCK_V": 256}, num_warps=4)]  # one small block: no autotuning, fast tests
 
 
 def _prune(configs, named_args, **kwargs):
@@ -30,7 +37,7 @@ def _prune(configs, named_args, **kwargs):
 
     Shared memory never limits this kernel: it only holds the cross-warp reduction scratch (32 bytes at
     BLOCK_V=4096 with 8 warps, Triton 3.9 for sm_90). Registers do: ptxas reports no spills up to 64 elements
-    per thread (161 registers at BLOCK_V=8192 with 4 warps, bf16, all features on).
+    per thread (see :func:`_configs`).
     """
     cap = max(triton.next_power_of_2(named_args["V"]), 256)
     kept = [c for c in configs if min(cap // 32, 1024) <= c.kwargs["BLOCK_V"] <= cap
@@ -126,11 +133,16 @@ def _ce_rows_kernel(
             tl.store(g_row + offs, _round_to(g, grad_ptr.dtype.element_ty), mask=mask)
 
 
-_AUTOTUNE = dict(configs=_configs(), key=["V", "LSE_MODE", "STORE_LOSS", "COMPUTE_GRAD"],
-                 prune_configs_by={"early_config_prune": _prune})
-_ce_rows = triton.autotune(**_AUTOTUNE)(_ce_rows_kernel)
+def _rule(configs, args, target):
+    """The pruning rule (see .tuning): :func:`_prune`, the same on every target (no config spills)."""
+    return _prune(configs, args)
+
+
+_TUNE = dict(interpret_configs=_INTERPRET_CONFIGS, key=["V", "LSE_MODE", "STORE_LOSS", "COMPUTE_GRAD"])
+_GPU_CONFIGS = _configs()
+_ce_rows = tuned("ce_rows", _GPU_CONFIGS, _rule, **_TUNE)(_ce_rows_kernel)
 # The in-place variant overwrites its input: autotuning must restore it after each timed run.
-_ce_rows_inplace = triton.autotune(**_AUTOTUNE, restore_value=["logits_ptr"])(_ce_rows_kernel)
+_ce_rows_inplace = tuned("ce_rows", _GPU_CONFIGS, _rule, **_TUNE, restore_value=["logits_ptr"])(_ce_rows_kernel)
 
 
 def ce_rows(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int, label_smoothing: float,

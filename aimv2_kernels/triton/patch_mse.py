@@ -11,6 +11,7 @@ import triton.language as tl
 from .._alloc import new_output
 from .._patch_rows_op import define_patch_rows_ops
 from .._backend import triton_interpret
+from .tuning import tuned
 
 
 @triton.jit
@@ -82,30 +83,40 @@ def _patch_mse_kernel(
 
 
 def _configs():
+    """GPU configs; the pruner keeps those of 4 to 16 elements per thread, in this order (rows, then warps)."""
     return [triton.Config({"ROWS": rows}, num_warps=warps)
             for rows in (1, 2, 4, 8, 16, 32, 64, 128) for warps in (2, 4, 8, 16)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep tiles of 4 to 16 elements per thread: enough for vector loads, few enough to stay in registers.
+    """Keep tiles of 4 to 16 elements per thread: enough for vector loads, few enough to stay in registers
+    (at most 8 with 16 warps, see below).
 
     The kernel's only shared memory is the scratch of its row reductions (``ROWS * num_warps`` floats), which
     fits every device, so registers are the binding limit here. Patches too large or too small for that range
     get the one config nearest to 8 elements per thread.
+
+    16 warps: ptxas kept these 512-thread programs at 64 registers or fewer and spilled instead of using more.
+    16 elements per thread (ROWS=8 at BLOCK_P=1024) spilled on sm_80 with GRAD: Triton 3.9 12 B stores / 48 B
+    loads (bf16) and 8 / 32 B (fp32), Triton 3.6 4 / 12 B (fp32); 60-64 registers without spill on sm_90a. 4
+    and 8 elements per thread with 16 warps use 32-48 registers on both (tools/triton_compile_check.py).
     """
     block_p = {**named_args, **kwargs}["BLOCK_P"]
 
     def per_thread(config):
         return config.kwargs["ROWS"] * block_p / (32 * config.num_warps)
 
-    kept = [c for c in configs if 4 <= per_thread(c) <= 16]
+    kept = [c for c in configs if 4 <= per_thread(c) <= (8 if c.num_warps >= 16 else 16)]
     return kept or [min(configs, key=lambda c: abs(math.log2(per_thread(c) / 8)))]
 
 
-_patch_mse_kernel_tuned = triton.autotune(
-    configs=_configs(), key=["n_rows", "P", "GRAD"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_patch_mse_kernel)
+def _rule(configs, args, target):
+    """The pruning rule (see .tuning): :func:`_prune`, the same on every target (measured on sm_80 and sm_90a)."""
+    return _prune(configs, args)
+
+
+# Not used under TRITON_INTERPRET=1: _launch then runs the plain kernel with one fixed config.
+_patch_mse_kernel_tuned = tuned("patch_mse", _configs(), _rule, key=["n_rows", "P", "GRAD"])(_patch_mse_kernel)
 
 
 def _launch(pred: torch.Tensor, images: torch.Tensor, patch_size: int, prefix_lens: Optional[torch.Tensor],
