@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 160
 
-.PHONY: demo test install venv clean bench bench-quick cuda-check bench-cpu
+.PHONY: demo test install venv clean bench bench-quick cuda-check triton-check gpu-dry-run compat gpu-wheels bench-cpu
 
 $(PY):
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -42,8 +42,31 @@ demo: install
 cuda-check: install
 	$(PY) tools/cuda_compile_check.py --archs 80,90a
 
-test: install cuda-check
+# Compiles every Triton kernel in every autotune configuration its pruner keeps, for sm_90a and sm_80, without a
+# GPU; fails on a compile error, shared memory over the target's limit or a register spill.
+triton-check: install
+	$(PY) tools/triton_compile_check.py --archs 90a,80
+
+# bench/gpu_check.sh on the CPU at tiny sizes, with the real run's commands and flags (see its header).
+gpu-dry-run: install
+	bash bench/gpu_check.sh --dry-run runs/gpu-dry-run
+
+test: install cuda-check triton-check
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(MAKE) --no-print-directory gpu-dry-run
+
+# The GPU machine's versions (Python 3.12, torch 2.11.0 CUDA build, triton 3.6.0, transformers 5.17.0) in
+# .venv-compat: the build with the CUDA extension, the CPU suite, the Triton compile check and the dry run
+# (tools/compat.sh; about 5 GB of wheels, 15-25 minutes the first time). Not part of `make test`.
+compat:
+	bash tools/compat.sh
+
+# The wheels of the benchmark peers that the GPU image lacks (pure Python, for its Python 3.12) into .whl/;
+# bench/gpu_check.sh installs them into a temporary folder when the folder travels with the run.
+GPU_WHEELS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl $(GPU_WHEELS)
+	@ls -l .whl
 
 # The compiled CPU kernels against their targets, the references and the peers (a few minutes on 2 cores).
 bench-cpu: install
