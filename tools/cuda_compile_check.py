@@ -25,8 +25,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 
-_FUNC = re.compile(r"ptxas info\s*: (?:Compiling entry function|Function properties for) '([^']+)'")
-_USED = re.compile(r"ptxas info\s*: Used (\d+) registers(.*)")
+# nvcc's ptxas prints "ptxas info", Triton 3.9's "ptxas-blackwell info" (tools/triton_compile_check.py reads both).
+_FUNC = re.compile(r"ptxas\S*\s+info\s*: (?:Compiling entry function|Function properties for) '([^']+)'")
+_USED = re.compile(r"ptxas\S*\s+info\s*: Used (\d+) registers(.*)")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _SMEM = re.compile(r"(\d+) bytes smem")
 

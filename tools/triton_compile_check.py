@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import io
 import json
 import multiprocessing
@@ -53,11 +54,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ("attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq", "patch_mse", "ce_rows")
 
 # ---------------------------------------------------------------------------------------------- ptxas report
-# Triton 3.6 runs "ptxas", 3.9 "ptxas-blackwell" for every target: both prefix their lines with their name.
-_ENTRY = re.compile(r"ptxas\S*\s+info\s*:\s*(?:Compiling entry function|Function properties for) '?([\w$.]+)'?")
-_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"ptxas\S*\s+info\s*:\s*Used (\d+) registers(.*)")
-_SMEM = re.compile(r"(\d+) bytes smem")
+# Triton 3.6 runs "ptxas", 3.9 "ptxas-blackwell" for every target; tools/cuda_compile_check.py's parser reads both.
+@functools.lru_cache(maxsize=None)
+def _cuda_compile_check():
+    """tools/cuda_compile_check.py as a module: its ptxas report parser serves both checks."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cuda_compile_check",
+                                                  os.path.join(ROOT, "tools", "cuda_compile_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def parse_ptxas(text: str) -> dict | None:
@@ -65,22 +71,12 @@ def parse_ptxas(text: str) -> dict | None:
 
     Returns ``{"kernel", "registers", "spill_stores", "spill_loads", "stack", "static_smem"}`` (bytes).
     """
-    name, spills = None, (0, 0, 0)
-    for line in text.splitlines():
-        m = _ENTRY.search(line)
-        if m:
-            name = m.group(1)
-            continue
-        m = _SPILL.search(line)
-        if m:
-            spills = tuple(int(x) for x in m.groups())
-            continue
-        m = _USED.search(line)
-        if m:
-            smem = _SMEM.search(m.group(2))
-            return {"kernel": name, "registers": int(m.group(1)), "stack": spills[0], "spill_stores": spills[1],
-                    "spill_loads": spills[2], "static_smem": int(smem.group(1)) if smem else 0}
-    return None
+    rows = _cuda_compile_check().parse_ptxas(text)
+    if not rows:
+        return None
+    row = dict(rows[0])
+    row["static_smem"] = row.pop("smem")
+    return row
 
 
 # --------------------------------------------------------------------------------------------- verdicts
