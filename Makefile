@@ -49,7 +49,7 @@ triton-check: install
 
 # bench/gpu_check.sh on the CPU at tiny sizes, with the real run's commands and flags (see its header).
 gpu-dry-run: install
-	bash bench/gpu_check.sh --dry-run runs/gpu-dry-run
+	PYTHON=$(abspath $(PY)) bash bench/gpu_check.sh --dry-run runs/gpu-dry-run
 
 test: install cuda-check triton-check
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
