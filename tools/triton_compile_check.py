@@ -126,9 +126,11 @@ def _specs() -> list[Spec]:
     # Attention: q, k, v are views of the fused (B, S, 3, H, D) qkv projection (aimv2/layers.py); out, dq, dk, dv
     # contiguous (B, H, S, D); dO from the projection's backward, (B, S, H, D) transposed. H = 8 (every AIMv2
     # preset has head dim 128), S = 256 (224 px / patch 14, squared). ALL_MASKED (a testing aid) is False.
-    # fp16 is compiled in the prefix mode only: its registers and spills equalled bf16's in all 283 compiles
-    # compared (Triton 3.6 and 3.9, both targets, every mode and tile; only the MMA's input type differs), and
-    # its other two modes would add a third to the check's time (over 3 minutes on 2 cores with Triton 3.9).
+    # fp16 is compiled in the prefix mode only. Its code is bf16's but for the MMA's input type, and it kept
+    # bf16's registers and spill verdicts wherever compared: 283 of 283 compiles (Triton 3.6 and 3.9, both
+    # targets, every mode and tile, before the kernels formed addresses in their loops), and spot checks since
+    # (spill bytes may differ a little). Its other two modes would add a third to the check's time (over 3
+    # minutes on 2 cores with Triton 3.9).
     heads, seq = 8, 256
     for head_dim in (64, 128):
         dim = heads * head_dim
@@ -523,7 +525,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "torch": torch.__version__, "archs": archs,
-                       "wall_seconds": wall, "rows": rows, "empty": empty, "status": status}, f, indent=1)
+                       "wall_seconds": wall, "status": status, "summary": summary(rows), "empty": empty,
+                       "rows": rows}, f, indent=1)
     return status
 
 
