@@ -1,6 +1,6 @@
 """Released AIMv2 weights: load them into :class:`~aimv2.model.AIMv2Encoder`, and export an encoder back.
 
-Three key layouts of the same tensors are in circulation (``AIMV2_FACTS.md`` §6 lists every key):
+Three key layouts of the same tensors are in circulation (``docs/aimv2-reference.md`` §5 tabulates them):
 
 ``apple``  Apple's original (ml-aim, and the Hub's pinned remote-code revisions, ``config.json`` with
            ``model_type: "aimv2"``). Its keys *are* our state-dict keys: ``preprocessor.patchifier.{proj,norm}``,

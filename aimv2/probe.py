@@ -3,9 +3,9 @@
 The head follows Apple's ``AttentionPoolingClassifier`` (ml-aim): an optional non-affine BatchNorm over the
 features, one learned query per head (no query projection), key and value projections without bias, a softmax
 over the patches, the mean over queries, then a linear classifier. Heads = ``dim // 128`` (at least 1). Which
-exact variant produced the paper's numbers is not published (AIMV2_FACTS.md §5.1); this one is Apple's code.
+exact variant produced the paper's numbers is not published (docs/aimv2-reference.md §4); this one is Apple's code.
 
-The protocol (AIMV2_FACTS.md §5.1, scaled down): the trunk is frozen (eval mode, bidirectional attention, no
+The protocol (docs/aimv2-reference.md §4, scaled down): the trunk is frozen (eval mode, bidirectional attention, no
 grad) and its last-layer features ``(N, D)`` (the encoder's output, after the final RMSNorm) are extracted once
 per image and cached; the probe is then trained on the cached features with AdamW betas (0.9, 0.999), a linear
 warm-up then a cosine schedule down to ``min_lr``, gradient clipping at 3.0, and evaluated by top-1 on held-out
@@ -336,7 +336,7 @@ def probe_lr(step: int, total_steps: int, peak: float, warmup_steps: int, min_lr
 class ProbeSettings:
     """Hyper-parameters of the probe (defaults: a few seconds on 2 CPU cores for the demo preset).
 
-    The paper (AIMV2_FACTS.md §5.1) sweeps lr in [5e-5, 2e-3] and wd in {0.05, 0.1}, 100 epochs, batch
+    The paper (docs/aimv2-reference.md §4) sweeps lr in [5e-5, 2e-3] and wd in {0.05, 0.1}, 100 epochs, batch
     1024/512, with augmentation; here the features are cached, so there is no augmentation and no sweep.
     """
     epochs: int = 30

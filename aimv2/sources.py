@@ -25,9 +25,9 @@ from several threads is safe too.
 Transforms (output float32 ``(3, H, W)`` in ``[0, 1]``; normalization is ``data.Normalize``'s job):
 
 - ``TrainTransform``: torchvision's ``RandomResizedCrop`` (scale 0.4-1, ratio 3/4-4/3, bicubic) then a
-  horizontal flip with probability 0.5, the AIMv2 pre-training augmentation (AIMV2_FACTS §4.1).
+  horizontal flip with probability 0.5, the AIMv2 pre-training augmentation (docs/aimv2-reference.md §1).
 - ``EvalTransform``: resize the shorter side to ``round(image_size / crop_pct)`` (bicubic), center crop.
-- ``native_grid`` / ``fit_and_pad``: the native-resolution canvas (AIMV2_FACTS §4.3): an image resized to fit
+- ``native_grid`` / ``fit_and_pad``: the native-resolution canvas (docs/aimv2-reference.md §2): an image resized to fit
   a ``rows x cols`` patch canvas keeping its aspect ratio, placed top left, zero-padded.
 """
 
@@ -1187,7 +1187,7 @@ class EvalTransform:
     """Evaluation preprocessing: resize the shorter side to ``round(image_size / crop_pct)`` (bicubic, the
     longer side to ``int(short * long / short_in)`` as torchvision's ``Resize(int)``), then center crop
     ``image_size`` (torchvision's ``CenterCrop`` offsets). ``crop_pct=1.0`` is the HF/timm AIMv2 setting,
-    0.875 the ml-aim one (AIMV2_FACTS §9).
+    0.875 the ml-aim one (docs/aimv2-reference.md §3).
 
     ``transform(img, rng=None)`` -> float32 ``(3, image_size, image_size)`` in ``[0, 1]``; ``img`` a PIL image
     (any mode) or a float tensor ``(3, H, W)`` in ``[0, 1]``; ``rng`` is ignored (the signature matches
@@ -1226,8 +1226,8 @@ class EvalTransform:
 
 
 def native_grid(budget: int) -> tuple[int, int]:
-    """The ``(rows, cols)`` patch canvas of a native-resolution patch budget ``budget = 2**n`` (AIMV2_FACTS
-    §4.3): ``rows = 2**(n // 2)``, ``cols = 2**(n - n // 2)``, so ``rows * cols == budget`` and the canvas is
+    """The ``(rows, cols)`` patch canvas of a native-resolution patch budget ``budget = 2**n`` (docs/aimv2-reference.md
+    §2): ``rows = 2**(n // 2)``, ``cols = 2**(n - n // 2)``, so ``rows * cols == budget`` and the canvas is
     square (even ``n``) or twice as wide as tall (odd ``n``): 128 -> (8, 16), 256 -> (16, 16)."""
     budget = _check_int("budget", budget)
     if budget & (budget - 1):

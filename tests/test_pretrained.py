@@ -23,7 +23,7 @@ from aimv2_kernels.testing import assert_within_budget, max_abs_err
 TINY = dict(image_size=56, patch_size=14, dim=64, depth=2, num_heads=2)  # the aimv2-tiny preset's encoder
 D, HID = 64, swiglu_hidden(64)
 
-# The key sets of AIMV2_FACTS.md §6.a-6.c, written out by hand (not derived from aimv2.pretrained's tables).
+# The key sets of docs/aimv2-reference.md §5, written out by hand (not derived from aimv2.pretrained's tables).
 _BLOCK_KEYS = {
     "apple": ("norm_1.weight", "attn.qkv.weight", "attn.proj.weight", "norm_2.weight", "mlp.fc1.weight",
               "mlp.fc2.weight", "mlp.fc3.weight"),
