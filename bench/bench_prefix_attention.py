@@ -19,7 +19,9 @@ shapes from S = 1024 up are matmul-bound, S = 256 and the decoder's S = 334 memo
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,15 +100,43 @@ def _flash_attn_reason(device: torch.device) -> str | None:
     return None
 
 
+def _pointers_reason(device: torch.device, ours: dict) -> str | None:
+    """Why "triton-pointers" (our Triton kernels with the descriptor loads turned off) cannot run here."""
+    if ours.get("triton", "no Triton backend") is not None:
+        return "the Triton backend does not run here"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return "below sm_90 the Triton kernels always use pointer loads (the triton row)"
+    return None
+
+
+@contextlib.contextmanager
+def _tma_off():
+    """``AIMV2_ATTENTION_TMA=0`` for the block (read at every launch), then the caller's value again."""
+    from aimv2_kernels.triton.attention_forward import TMA_ENV
+    old = os.environ.get(TMA_ENV)
+    os.environ[TMA_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[TMA_ENV]
+        else:
+            os.environ[TMA_ENV] = old
+
+
 def providers(device: torch.device) -> dict[str, str | None]:
-    """provider -> None when it can run here, else why not."""
+    """provider -> None when it can run here, else why not. "triton-pointers" is the Triton backend with pointer
+    loads instead of tensor descriptors (TMA) on a Hopper GPU: the measurement behind the TMA default."""
     if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         flex = "this torch has no FlexAttention"
     elif device.type != "cuda":  # torch raises NotImplementedError for inputs that require grad
         flex = "FlexAttention has no backward on a CPU"
     else:
         flex = None
-    return {**harness.our_backends(OP, device), "reference": None, "reference-compiled": None,
+    ours = harness.our_backends(OP, device)
+    pointers = _pointers_reason(device, ours) if device.type == "cuda" else "a Hopper GPU only (TMA off vs on)"
+    return {**ours, "triton-pointers": pointers, "reference": None, "reference-compiled": None,
             "sdpa-dense-mask": None, "flex-attention": flex, "flash-attn": _flash_attn_reason(device)}
 
 
@@ -168,6 +198,16 @@ def setup(config: Config, provider: str, mode: str = "fwd+bwd", device: torch.de
         block_mask = create_block_mask(mask_mod, c.batch, None, c.seq, c.seq, device=device)
         flex = harness.compiled(flex_attention)
         loss = lambda: flex(q, k, v, block_mask=block_mask).float().sum()  # noqa: E731
+    elif provider == "triton-pointers":
+        def loss():
+            return K.prefix_attention(q, k, v, lens, backend="triton").float().sum()
+        with _tma_off():  # the bwd mode runs the forward here
+            step = harness.make_step(loss, [q, k, v], mode)
+
+        def run():
+            with _tma_off():
+                return step()
+        return run
     elif provider in K.BACKENDS:
         loss = lambda: K.prefix_attention(q, k, v, lens, backend=provider).float().sum()  # noqa: E731
     else:

@@ -45,7 +45,8 @@ class Result:
 
 
 # Our concrete backends and the baselines; every other provider is a peer (an installed library doing the same op).
-OURS = ("cpu", "triton", "cuda")
+# "triton-pointers": the Triton attention kernels with pointer loads on a Hopper GPU (bench_prefix_attention.py).
+OURS = ("cpu", "triton", "triton-pointers", "cuda")
 BASELINES = ("reference", "reference-compiled")
 # The ceilings key of the matmul rate that bounds FLOPs done in each input dtype. Only bf16 is measured: a
 # kernel on fp32 inputs runs fp32 (or TF32) matmuls at another rate, so a shape with FLOPs in another dtype gets
@@ -331,8 +332,8 @@ def ceilings_line(ceilings: dict | None) -> str:
 LEGEND = ("median ms, p20, p80: median and 20th/80th percentiles of the time of one call; peak MB: see the notes "
           "under each table; x ref: the eager reference's median over the row's (above 1: faster); x best peer: "
           "the fastest installed peer's median over the row's (peers: every provider other than ours (cpu, triton, "
-          "cuda) and the references; reference-compiled is a baseline, not a peer); % of limit: 100 x the best time "
-          "the shape's bytes and FLOPs allow on the measured ceilings, over the row's median (GPU only).")
+          "triton-pointers, cuda) and the references; reference-compiled is a baseline, not a peer); % of limit: 100 x "
+          "the best time the shape's bytes and FLOPs allow on the measured ceilings, over the row's median (GPU only).")
 
 
 def to_markdown(results: list[Result], env: dict, title: str, notes: dict[str, list[str]] | None = None) -> str:

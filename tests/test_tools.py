@@ -201,3 +201,21 @@ def test_attention_rule_tables():
     spec = next(s for s in tcheck._specs() if s.kernel == "attn_fwd" and "fp32" in s.label)
     configs = tcheck._all_configs("attn_fwd")
     assert [fwd.tile(configs[i]) for i in tcheck._candidate_indices(spec)] == fwd._FWD_TILES_FP32
+
+
+def test_triton_check_load_kind_and_tma_specializations():
+    """The check compiles the load path each target runs (TMA for fp16/bf16 attention on sm_90a, pointers on sm_80
+    and for fp32) and says which one the PTX uses."""
+    assert tcheck.load_kind("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [...]") \
+        == "tma"
+    assert tcheck.load_kind("cp.async.cg.shared.global [ %r1 + 0 ], [ %rd2 + 0 ], 0x10, %r3;") == "cp.async"
+    assert tcheck.load_kind("ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];") == "ld"
+    seen = set()
+    for spec in tcheck._specs():
+        if spec.kernel not in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
+            assert not spec.per_arch, spec
+            continue
+        fp32 = "fp32" in spec.label
+        assert spec.per_arch["90a"] == {"TMA": not fp32} and spec.per_arch["80"] == {"TMA": False}, spec.label
+        seen.add(fp32)
+    assert seen == {True, False}

@@ -23,6 +23,16 @@ LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KERNELS_TUNED = [fwd_module._attn_fwd_kernel, bwd_module._attn_bwd_dkdv_kernel, bwd_module._attn_bwd_dq_kernel]
 
 
+@pytest.fixture(params=["pointers", "tma"])
+def load_path(request, monkeypatch, device):
+    """Both ways the kernels read q, k, v and dO: pointer loads (sm_80, fp32) and tensor descriptors (TMA, fp16
+    and bf16 on sm_90+). The interpreter runs both; on a GPU the descriptor path needs sm_90."""
+    if request.param == "tma" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    monkeypatch.setenv(fwd_module.TMA_ENV, "1" if request.param == "tma" else "0")
+    return request.param
+
+
 def _check(q, k, v, lens, **kw):
     """The triton backend vs the same-dtype reference vs the float64 oracle (see attention_cases)."""
     check_backend("triton", q, k, v, lens, **kw)
@@ -30,7 +40,9 @@ def _check(q, k, v, lens, **kw):
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES)
 @pytest.mark.parametrize("s,d", [(1, 64), (17, 128), (40, 64)])
-def test_prefix_lens_edges(dtype, s, d, device):
+def test_prefix_lens_edges(dtype, s, d, device, load_path):
+    if load_path == "tma" and dtype == torch.float32:
+        pytest.skip("fp32 inputs always use pointer loads")
     b = 4 if s > 1 else 2
     lens = random_prefix_lens(b, s).to(device)  # 0, 1, S-1, S
     _check(*_qkv(b, 2, s, d, dtype, device), lens, label=f"{dtype} S={s} D={d}")
@@ -47,8 +59,9 @@ def test_causal_and_full(dtype, mode, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_views_of_fused_qkv_and_custom_scale(dtype, device):
-    """Permuted views of a fused (B, S, 3, H, D) projection, int32 prefix lengths, and a custom scale."""
+def test_views_of_fused_qkv_and_custom_scale(dtype, device, load_path):
+    """Permuted views of a fused (B, S, 3, H, D) projection, int32 prefix lengths, and a custom scale (with TMA:
+    descriptors over the strided views, no copy)."""
     b, s, h, d = 3, 33, 2, 64
     qkv = torch.randn(b, s, 3, h, d, dtype=dtype, device=device).requires_grad_()
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -65,7 +78,7 @@ def test_non_unit_head_dim_stride(device):
 
 
 @pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32)])
-def test_unequal_tiles(bm, bn, monkeypatch, device):
+def test_unequal_tiles(bm, bn, monkeypatch, device, load_path):
     """BLOCK_M != BLOCK_N (as in the GPU configs) in all three kernels, through the tile-range arithmetic."""
     import triton
     for kernel in KERNELS_TUNED:
@@ -84,8 +97,18 @@ def test_never_visible_tiles_are_never_read(device):
     check_never_visible_tiles_are_never_read(fwd_module.attention_forward, bwd_module.attention_backward, _max_block(), device)
 
 
+def test_never_visible_tiles_are_never_read_through_descriptors(device, monkeypatch):
+    """The same with TMA (bf16: fp32 inputs never use descriptors). A descriptor load of a tile past the
+    sequence returns zeros, but a tile inside it that the kernel must not need would bring its NaN."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    monkeypatch.setenv(fwd_module.TMA_ENV, "1")
+    check_never_visible_tiles_are_never_read(fwd_module.attention_forward, bwd_module.attention_backward,
+                                             _max_block(), device, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("causal", [True, False])
-def test_unmasked_path_equals_masked_path(causal, device):
+def test_unmasked_path_equals_masked_path(causal, device, load_path):
     """Skipping the mask on fully visible tiles changes nothing: same values as masking every tile."""
     q, k, v, do = (torch.randn(4, 1, 40, 32, dtype=torch.bfloat16, device=device) for _ in range(4))
     lens = random_prefix_lens(4, 40).to(device)
@@ -130,3 +153,71 @@ def test_torch_compile_fullgraph(device):
     want = torch.autograd.grad(loss(q, k, v, lens), (q, k, v))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_tma_setting(monkeypatch):
+    """AIMV2_ATTENTION_TMA: auto is off without a GPU (the interpreter), 1 turns descriptors on for fp16/bf16
+    only, anything else is an error that names the variable."""
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    for value, want in (("auto", False), ("", False), ("0", False), ("1", True)):
+        monkeypatch.setenv(fwd_module.TMA_ENV, value)
+        assert fwd_module.use_tma(bf16) is want, value
+        assert fwd_module.use_tma(fp32) is False, value
+    monkeypatch.setenv(fwd_module.TMA_ENV, "yes")
+    with pytest.raises(ValueError, match=fwd_module.TMA_ENV):
+        fwd_module.use_tma(bf16)
+    assert fwd_module.tma_for(90, torch.bfloat16) and fwd_module.tma_for(100, torch.float16)
+    assert not fwd_module.tma_for(80, torch.bfloat16) and not fwd_module.tma_for(90, torch.float32)
+
+
+def test_tma_prepare_copies_only_unaddressable_views():
+    """With TMA a view is copied only when a descriptor cannot address it: a start or a row stride that is not
+    a multiple of 16 bytes. The fused-qkv views of the model are used as they are."""
+    qkv = torch.randn(2, 9, 3, 2, 16, dtype=torch.bfloat16)
+    q = qkv.permute(2, 0, 3, 1, 4)[0]
+    misaligned = torch.randn(2 * 2 * 9 * 16 + 1, dtype=torch.bfloat16)[1:].view(2, 2, 9, 16)  # starts 2 B off
+    odd_rows = torch.randn(2, 2, 9, 17, dtype=torch.bfloat16)[..., :16]  # rows 34 B apart
+    assert misaligned.data_ptr() % 16 and (odd_rows.stride(2) * 2) % 16
+    kept = fwd_module.prepare_inputs(q, misaligned, odd_rows, tma=True)
+    assert kept[0] is q
+    for before, after in zip((misaligned, odd_rows), kept[1:]):
+        assert after is not before and after.is_contiguous() and torch.equal(after, before)
+    assert all(a is b for a, b in zip(fwd_module.prepare_inputs(q, misaligned, odd_rows), (q, misaligned, odd_rows)))
+
+
+def test_tma_scratch_sets_and_restores_the_allocator():
+    """The descriptors' scratch: an allocator is set for the launch when the caller has none, and the caller's
+    state (none, or their own allocator) is what remains afterwards."""
+    from triton.runtime import _allocation
+    null = _allocation._NULL_ALLOCATOR
+    assert _allocation._allocator.get() is null
+    with fwd_module.tma_scratch(True, torch.device("cpu")):
+        allocate = _allocation._allocator.get()
+        assert allocate is not null
+        buffer = allocate(384, 128, None)
+        assert buffer.numel() == 384 and buffer.device.type == "cpu"
+    assert _allocation._allocator.get() is null
+    with fwd_module.tma_scratch(False, torch.device("cpu")):
+        assert _allocation._allocator.get() is null
+
+    def own(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+    token = _allocation._allocator.set(own)
+    try:
+        with fwd_module.tma_scratch(True, torch.device("cpu")):
+            assert _allocation._allocator.get() is own
+        assert _allocation._allocator.get() is own
+    finally:
+        _allocation._allocator.reset(token)
+
+
+def test_tma_unaligned_inputs(device, monkeypatch):
+    """Inputs a descriptor cannot address (2 bytes off a 16-byte boundary) still give the right answer."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    monkeypatch.setenv(fwd_module.TMA_ENV, "1")
+    b, h, s, d = 2, 2, 23, 32
+    flat = torch.randn(3, b * h * s * d + 1, dtype=torch.bfloat16, device=device)
+    q, k, v = (flat[i, 1:].view(b, h, s, d).requires_grad_() for i in range(3))
+    assert q.data_ptr() % 16
+    _check(q, k, v, torch.tensor([0, 11], device=device), label="unaligned views, TMA")

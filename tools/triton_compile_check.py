@@ -111,13 +111,14 @@ class Spec(typing.NamedTuple):
     args: tuple
     constexprs: dict
     prune_args: dict
+    per_arch: dict = {}  # arch -> constexprs that depend on the target (attention: TMA)
 
 
 def _specs() -> list[Spec]:
     """Every specialization the package launches in AIMv2 (deterministic order: workers rebuild it)."""
     import torch
 
-    from aimv2_kernels.triton.attention_forward import LOG2E, dot_args
+    from aimv2_kernels.triton.attention_forward import LOG2E, dot_args, tma_for
 
     def ptr(dtype):  # the binder reads only dtype and data_ptr() (torch's CPU allocations are 64-byte aligned)
         return torch.empty(8, dtype=dtype)
@@ -131,6 +132,7 @@ def _specs() -> list[Spec]:
     # targets, every mode and tile, before the kernels formed addresses in their loops), and spot checks since
     # (spill bytes may differ a little). Its other two modes would add a third to the check's time (over 3
     # minutes on 2 cores with Triton 3.9).
+    # TMA: the variant a launch on each target runs (tensor descriptors for fp16/bf16 on sm_90a, else pointers).
     heads, seq = 8, 256
     for head_dim in (64, 128):
         dim = heads * head_dim
@@ -142,6 +144,7 @@ def _specs() -> list[Spec]:
             modes = (("prefix", True, True), ("causal", True, False), ("full", False, False))
             for mode, causal, has_prefix in modes[:1] if dtype == torch.float16 else modes:
                 label = f"D={head_dim} {name} {mode}"
+                per_arch = {arch: {"TMA": tma_for(int(arch.rstrip("a")), dtype)} for arch in SHARED_LIMIT}
                 t, lse, prefix = ptr(dtype), ptr(torch.float32), ptr(torch.int32)
                 prefix = prefix if has_prefix else t
                 flags = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_PREFIX=has_prefix, ALL_MASKED=False,
@@ -149,12 +152,14 @@ def _specs() -> list[Spec]:
                 prune = dict(Q=t, HEAD_DIM=head_dim)
                 specs.append(Spec("attn_fwd", label, (t, t, t, t, lse, prefix, *qkv_strides, *qkv_strides,
                                                       *qkv_strides, *out_strides, heads, seq, 0.1 * LOG2E),
-                                  flags, prune))
+                                  flags, prune, per_arch))
                 strides = (*qkv_strides, *qkv_strides, *qkv_strides, *do_strides)
                 specs.append(Spec("attn_bwd_dkdv", label, (t, t, t, t, lse, ptr(torch.float32), t, t, prefix,
-                                                           *strides, heads, seq, 0.1 * LOG2E, 0.1), flags, prune))
+                                                           *strides, heads, seq, 0.1 * LOG2E, 0.1), flags, prune,
+                                  per_arch))
                 specs.append(Spec("attn_bwd_dq", label, (t, t, t, t, lse, ptr(torch.float32), t, prefix,
-                                                         *strides, heads, seq, 0.1 * LOG2E, 0.1), flags, prune))
+                                                         *strides, heads, seq, 0.1 * LOG2E, 0.1), flags, prune,
+                                  per_arch))
             specs.append(Spec("attn_bwd_delta", f"D={head_dim} {name}",
                               (ptr(dtype), ptr(dtype), ptr(torch.float32), *out_strides, *do_strides, heads, seq),
                               dict(HEAD_DIM=head_dim, BLOCK_M=64), {}))
@@ -255,6 +260,14 @@ def mma_kind(ptx: str) -> str:
     return "wgmma+mma" if wgmma and mma else "wgmma" if wgmma else "mma" if mma else "fma"
 
 
+def load_kind(ptx: str) -> str:
+    """How the kernel reads global memory, from its PTX: "tma" (tensor-memory copies through descriptors,
+    ``cp.async.bulk.tensor``), "cp.async" (pointer loads pipelined into shared memory) or "ld" (plain loads)."""
+    if "cp.async.bulk.tensor" in ptx:
+        return "tma"
+    return "cp.async" if re.search(r"\bcp\.async\.(ca|cg)\b", ptx) else "ld"
+
+
 # ------------------------------------------------------------------------------------------ compilation
 _SPECS: list[Spec] | None = None
 
@@ -300,7 +313,7 @@ def _error_row(specs: list[Spec], spec_index: int, arch: str, config_index: int,
     return {"kernel": spec.kernel, "spec": spec.label, "arch": arch,
             "config": config_label(_all_configs(spec.kernel)[config_index]), "kept": kept, "error": error,
             "registers": None, "spill_stores": 0, "spill_loads": 0, "stack": 0, "shared": 0, "static_smem": 0,
-            "wgmma": False, "mma": "-", "ptx_target": None, "seconds": 0.0}
+            "wgmma": False, "mma": "-", "loads": "-", "ptx_target": None, "seconds": 0.0}
 
 
 def compile_job(spec_index: int, arch: str, config_index: int, kept: bool) -> dict:
@@ -321,7 +334,8 @@ def compile_job(spec_index: int, arch: str, config_index: int, kept: bool) -> di
         fn = _jit_fn(spec.kernel)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         signature, consts, attrs, opts = _signature(fn, make_backend(target), spec.args,
-                                                    {**spec.constexprs, **config.kwargs}, options)
+                                                    {**spec.constexprs, **spec.per_arch.get(arch, {}),
+                                                     **config.kwargs}, options)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options=opts)
@@ -332,7 +346,9 @@ def compile_job(spec_index: int, arch: str, config_index: int, kept: bool) -> di
         target_line = re.search(r"^\.target\s+(\S+)", ptx, re.M)
         row.update({k: report[k] for k in ("registers", "spill_stores", "spill_loads", "stack", "static_smem")})
         row.update(shared=max(int(compiled.metadata.shared), report["static_smem"]), wgmma="wgmma" in ptx,
-                   mma=mma_kind(ptx), ptx_target=target_line.group(1) if target_line else None)
+                   mma=mma_kind(ptx), loads=load_kind(ptx), ptx_target=target_line.group(1) if target_line else None)
+        if spec.per_arch.get(arch, {}).get("TMA") and row["loads"] != "tma":
+            raise RuntimeError(f"compiled with TMA=True but the PTX has no tensor-memory copy ({row['loads']})")
     except Exception as exc:  # noqa: BLE001  (reported as a compile error of this config)
         text = str(exc).strip().splitlines()
         row["error"] = f"{type(exc).__name__}: " + " | ".join(text[-6:])[:600]
@@ -357,16 +373,18 @@ def _verdict(rows: list[dict]) -> str:
 
 
 HEADER = (f"{'kernel':<14} {'arch':<7} {'specialization':<30} {'config':<28} {'regs':>7} {'spl.st':>6} "
-          f"{'spl.ld':>6} {'stack':>5} {'smem':>7} {'mma':>9}  verdict")
+          f"{'spl.ld':>6} {'stack':>5} {'smem':>7} {'mma':>9} {'loads':>8}  verdict")
 
 
 def _line(kernel, arch, spec, config, rows: list[dict]) -> str:
     regs = [r["registers"] for r in rows if r["registers"] is not None]
     regs = "-" if not regs else f"{min(regs)}" if min(regs) == max(regs) else f"{min(regs)}-{max(regs)}"
     mma = "/".join(sorted({r["mma"] for r in rows if not r["error"]})) or "-"
+    loads = "/".join(sorted({r.get("loads", "-") for r in rows if not r["error"]})) or "-"
     return (f"{kernel:<14} sm_{arch:<4} {spec:<30} {config:<28} {regs:>7} "
             f"{max(r['spill_stores'] for r in rows):>6} {max(r['spill_loads'] for r in rows):>6} "
-            f"{max(r['stack'] for r in rows):>5} {max(r['shared'] for r in rows):>7} {mma:>9}  {_verdict(rows)}")
+            f"{max(r['stack'] for r in rows):>5} {max(r['shared'] for r in rows):>7} {mma:>9} {loads:>8}  "
+            f"{_verdict(rows)}")
 
 
 def spec_group(label: str) -> str:
@@ -394,7 +412,7 @@ def table(rows: list[dict], verbose: bool = False) -> list[str]:
 def summary(rows: list[dict]) -> list[str]:
     """One line per (kernel, arch): specializations, compiles, kept configs per specialization, failures."""
     lines = [f"{'kernel':<14} {'arch':<7} {'specs':>5} {'compiled':>8} {'kept':>5} {'kept/spec':>9} {'failing':>7} "
-             f"{'pruned+spill':>12} {'regs (kept)':>11} {'max smem':>8}  mma (kept)"]
+             f"{'pruned+spill':>12} {'regs (kept)':>11} {'max smem':>8}  mma, loads (kept)"]
     keys = sorted({(r["kernel"], r["arch"]) for r in rows}, key=lambda k: (KERNELS.index(k[0]), k[1]))
     for kernel, arch in keys:
         rs = [r for r in rows if r["kernel"] == kernel and r["arch"] == arch]
@@ -402,11 +420,12 @@ def summary(rows: list[dict]) -> list[str]:
         per_spec = [sum(r["kept"] for r in rs if r["spec"] == s) for s in {r["spec"] for r in rs}]
         regs = [r["registers"] for r in kept if r["registers"] is not None]
         mma = "/".join(sorted({r["mma"] for r in kept if not r["error"]})) or "-"
+        loads = "/".join(sorted({r.get("loads", "-") for r in kept if not r["error"]})) or "-"
         lines.append(f"{kernel:<14} sm_{arch:<4} {len(per_spec):>5} {len(rs):>8} {len(kept):>5} "
                      f"{f'{min(per_spec)}-{max(per_spec)}':>9} {sum(bool(problems(r)) for r in rs):>7} "
                      f"{sum(not r['kept'] and _spills(r) for r in rs):>12} "
                      f"{(f'{min(regs)}-{max(regs)}' if regs else '-'):>11} "
-                     f"{max((r['shared'] for r in kept), default=0):>8}  {mma}")
+                     f"{max((r['shared'] for r in kept), default=0):>8}  {mma}, {loads}")
     return lines
 
 

@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .attention_forward import (INTERPRET_CONFIGS, LOG2E, _round, _visible, attention_rule, device_guard, dot_args,
-                                make_configs, prefix_arg, prepare_inputs)
+from .attention_forward import (INTERPRET_CONFIGS, LOG2E, _load_rows, _round, _rows, _visible, attention_rule,
+                                device_guard, dot_args, make_configs, prefix_arg, prepare_inputs, tma_scratch,
+                                use_tma)
 from .tuning import tuned
 
 _DELTA_BLOCK = 64
@@ -46,25 +47,32 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, 
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, start, end, offs_m, offs_n, offs_d, prefix,
+def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, start, end, offs_m, offs_n, offs_d, prefix,
                 seq_len, stride_qs, stride_dos, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-                BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dK (unscaled) and dV of one key tile over query tiles ``[start, end)``; transposed scores.
 
-    ``k`` and ``v`` are already in ``DOT_DTYPE``; ``q_base``/``do_base`` point at this (batch, head).
+    ``k`` and ``v`` are already in ``DOT_DTYPE``; ``q_src``/``do_src`` are this (batch, head)'s descriptors
+    (``TMA``) or base pointers (see ``attention_forward._rows``).
     """
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        qT_ptrs = q_base + rows[None, :] * stride_qs + offs_d[:, None]
-        do_ptrs = do_base + rows[:, None] * stride_dos + offs_d[None, :]
+        if TMA:  # rows past the sequence come back as zeros
+            qT = tl.trans(q_src.load([start_m, 0]))
+            do = do_src.load([start_m, 0])
+        else:
+            qT_ptrs = q_src + rows[None, :] * stride_qs + offs_d[:, None]
+            do_ptrs = do_src + rows[:, None] * stride_dos + offs_d[None, :]
+            if MASKED:
+                qT = tl.load(qT_ptrs, mask=rows[None, :] < seq_len, other=0.0)
+                do = tl.load(do_ptrs, mask=rows[:, None] < seq_len, other=0.0)
+            else:
+                qT = tl.load(qT_ptrs)
+                do = tl.load(do_ptrs)
         if MASKED:
-            qT = tl.load(qT_ptrs, mask=rows[None, :] < seq_len, other=0.0)
-            do = tl.load(do_ptrs, mask=rows[:, None] < seq_len, other=0.0)
             lse2 = tl.load(lse_ptr + rows, mask=rows < seq_len, other=0.0)
             delta = tl.load(delta_ptr + rows, mask=rows < seq_len, other=0.0)
         else:
-            qT = tl.load(qT_ptrs)
-            do = tl.load(do_ptrs)
             lse2 = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
         qT_dot = qT.to(DOT_DTYPE)
@@ -87,34 +95,38 @@ def _dkdv_smem(config, elt, head_dim):
 
 
 # dK/dV tiles (BLOCK_M query rows per step, BLOCK_N keys per program), expected best first on an H100/H200 (not
-# benchmarked here). The program keeps k, v and the fp32 dk, dv of its BLOCK_N keys in registers, so at D = 128
-# only BLOCK_N = 64 with small query steps fits. Of the 5 former configs, at D = 128, 4 spilled on sm_90a
-# ((32, 128, 4, 3): 5864 B; (64, 128, 4, 2): 8748 B; (64, 64, 4, 3): 584 B; (64, 128, 8, 2): 88 B; Triton 3.6)
-# and all 5 on sm_80 (with Triton 3.9; (32, 64, 4, 3) by 24 B). The 8-warp tiles were added for that.
-_DKDV_TILES = [(64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 8, 3), (32, 64, 4, 3)]
+# benchmarked here). The program keeps the fp32 dk, dv of its BLOCK_N keys in registers (k and v stay in shared
+# memory: wgmma reads them from there), plus the fp32 scores and dP^T of one step, so at D = 128 the sum is
+# 2 * BLOCK_N * 128 + 2 * BLOCK_N * BLOCK_M floats over the threads. 128 keys over two warpgroups fit with 32
+# query rows per step (Hopper, TMA: 200-225 registers); FlashAttention's 128 x 64 tile (64, 128, 8, 2) spills
+# at D = 128 on both targets, and is listed first for D = 64 on sm_90a (172-229 registers). Tried and dropped
+# at D = 128 on sm_90a (Triton 3.6): 16 warps (4 warpgroups: at most 128 registers per thread, 248-1700 B of
+# spill stores) and a single stage (64 x 128: 24-152 B). Splitting the head dimension of the accumulators would
+# repeat the two score products per half (1.5x the kernel's FLOPs), so it is not done.
+_DKDV_TILES = [(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3)]
 # fp32 ("ieee", FMA): 16 x 16 with 4 warps and 1 stage: 70-112 registers on both targets and versions. 16 x 32
 # with 8 warps also stayed clean, but at up to 186 registers (Triton 3.9, sm_90a, D = 128); 32 x 32 tiles spill
 # there (8 warps: 1048 B with Triton 3.6, 972 B with 3.9).
 _DKDV_TILES_FP32 = [(16, 16, 4, 1)]
-# Tiles that spill, by (sm_90+, element bytes, D class): worst spill stores + loads over the masking modes,
-# Triton 3.6 / 3.9, bytes.
+# Tiles that spill, by (sm_90+, element bytes, D class): worst spill stores over the masking modes and
+# fp16/bf16, Triton 3.6 / 3.9, bytes (sm_90+: the TMA path, sm_80: pointers). With pointer loads on sm_90a,
+# (64, 64, 8, 3) and (32, 128, 8, 2) spilled too (0 / 96 and 0 / 12 B).
 _DKDV_SPILLS = {
-    (True, 2, 128): {(64, 128, 8, 2),  # 88 / 544
-                     (64, 64, 8, 3),  # 0 / 96 (187-255 registers)
-                     (32, 128, 8, 2)},  # 0 / 12 (220-255 registers)
-    (False, 2, 128): {(64, 128, 8, 2),  # 10000 / 10140
-                      (32, 128, 8, 2),  # 18312 / 18896
-                      (32, 64, 4, 3)},  # 0 / 24 (255 registers)
-    (False, 2, 64): {(64, 128, 8, 2),  # 0 / 32 (255 registers)
-                     (64, 64, 8, 3),  # 44 / 20
-                     (32, 128, 8, 2)},  # 0 / 8
+    (True, 2, 128): {(64, 128, 8, 2)},  # 24 / 68 at 255 registers
+    (False, 2, 128): {(64, 128, 8, 2),  # 5188 / 5252
+                      (32, 128, 8, 3),  # 9300 / 9436
+                      (32, 128, 8, 2),  # 9268 / 9528
+                      (32, 64, 4, 3)},  # 0 / 16 (255 registers)
+    (False, 2, 64): {(64, 128, 8, 2),  # 0 / 16 (255 registers)
+                     (64, 64, 8, 3),  # 24 / 8
+                     (32, 128, 8, 2)},  # 0 / 4
 }
 DKDV_CONFIGS = make_configs(_DKDV_TILES + _DKDV_TILES_FP32)
 
 
 @tuned("attn_bwd_dkdv", DKDV_CONFIGS, attention_rule(_dkdv_smem, _DKDV_TILES_FP32, _DKDV_SPILLS),
        interpret_configs=INTERPRET_CONFIGS,
-       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"])
+       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "TMA"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -122,8 +134,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
                           H, S, qk_scale, scale,
                           HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                           ALL_MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key tile: grid ``(cdiv(S, BLOCK_N), B * H)``; DK/DV contiguous ``(B, H, S, D)``."""
+                          TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key tile: grid ``(cdiv(S, BLOCK_N), B * H)``; DK/DV contiguous ``(B, H, S, D)``.
+
+    Longest tiles first, in the grid's own order: key tile ``n0`` is seen by ``S - n0`` queries, or by all S
+    when it starts inside the prefix, which never increases with ``n0``.
+    """
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
@@ -146,25 +162,27 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     keys = offs_n[:, None] < S
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :], mask=keys,
-                other=0.0).to(DOT_DTYPE)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :], mask=keys,
-                other=0.0).to(DOT_DTYPE)
-    # Scalar bases; the loops form each tile's addresses (see _attn_fwd_kernel: fewer registers).
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
+    k_src = _rows(K, b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
+    v_src = _rows(V, b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
+    k = _load_rows(k_src, n0, offs_n, offs_d, S, stride_ks, TMA).to(DOT_DTYPE)
+    v = _load_rows(v_src, n0, offs_n, offs_d, S, stride_vs, TMA).to(DOT_DTYPE)
+    # Descriptors or scalar bases; the loops form each tile's addresses (see _attn_fwd_kernel).
+    q_src = _rows(Q, b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
+    do_src = _rows(DO, b * stride_dob + h * stride_doh, S, stride_dos, BLOCK_M, HEAD_DIM, TMA)
     lse_ptr = LSE + pid_bh * S
     delta_ptr = DELTA + pid_bh * S
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, lo, mid, offs_m, offs_n, offs_d,
-                         prefix, S, stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, mid, s_full, offs_m, offs_n, offs_d,
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, lo, mid, offs_m, offs_n, offs_d,
+                         prefix, S, stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION,
+                         TMA)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, mid, s_full, offs_m, offs_n, offs_d,
                          prefix, S, stride_qs, stride_dos, qk_scale, CAUSAL, False, BLOCK_M, DOT_DTYPE,
-                         DOT_PRECISION)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, s_full, S, offs_m, offs_n, offs_d,
-                         prefix, S, stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION)
+                         DOT_PRECISION, TMA)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, s_full, S, offs_m, offs_n, offs_d,
+                         prefix, S, stride_qs, stride_dos, qk_scale, CAUSAL, True, BLOCK_M, DOT_DTYPE, DOT_PRECISION,
+                         TMA)
 
     out_offs = pid_bh * S * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + out_offs, _round(dk * scale, DK.dtype.element_ty, DOT_DTYPE), mask=keys)
@@ -172,20 +190,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, start, end, offs_m, offs_n, offs_d, prefix, seq_len,
+def _dq_tiles(dq, q, do, lse2, delta, k_src, v_src, start, end, offs_m, offs_n, offs_d, prefix, seq_len,
               stride_ks, stride_vs, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate dQ (unscaled) of one query tile over key tiles ``[start, end)``; q, do in ``DOT_DTYPE``."""
+              BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Accumulate dQ (unscaled) of one query tile over key tiles ``[start, end)``; q, do in ``DOT_DTYPE``;
+    ``k_src``/``v_src`` as in :func:`_dkdv_tiles`."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kT_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
-        vT_ptrs = v_base + cols[None, :] * stride_vs + offs_d[:, None]
-        if MASKED:
-            kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
-            vT = tl.load(vT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
+        if TMA:  # rows past the sequence come back as zeros
+            kT = tl.trans(k_src.load([start_n, 0]))
+            vT = tl.trans(v_src.load([start_n, 0]))
         else:
-            kT = tl.load(kT_ptrs)
-            vT = tl.load(vT_ptrs)
+            kT_ptrs = k_src + cols[None, :] * stride_ks + offs_d[:, None]
+            vT_ptrs = v_src + cols[None, :] * stride_vs + offs_d[:, None]
+            if MASKED:
+                kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
+                vT = tl.load(vT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
+            else:
+                kT = tl.load(kT_ptrs)
+                vT = tl.load(vT_ptrs)
         kT_dot = kT.to(DOT_DTYPE)
         qk = tl.dot(q, kT_dot, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -210,20 +233,20 @@ _DQ_TILES = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
 # 74-118 registers, also fits but compiles twice as long; 32 x 32 with 8 warps spilled 824 B on sm_90a at
 # D = 128 with Triton 3.9).
 _DQ_TILES_FP32 = [(16, 16, 4, 2)]
-# Tiles that spill (sm_90a: none of these), by (sm_90+, element bytes, D class): worst spill stores + loads
-# over the masking modes, Triton 3.6 / 3.9, bytes.
+# Tiles that spill (sm_90a, TMA: none; 126-183 registers at D = 128), by (sm_90+, element bytes, D class):
+# worst spill stores over the masking modes and fp16/bf16, Triton 3.6 / 3.9, bytes.
 _DQ_SPILLS = {
-    (False, 2, 128): {(128, 64, 8, 2),  # 760 / 728
-                      (128, 32, 8, 3)},  # 20 / 20
-    (False, 2, 64): {(128, 64, 8, 2),  # 20 / 60
-                     (64, 64, 8, 3)},  # 44 / 116
+    (False, 2, 128): {(128, 64, 8, 2),  # 412 / 388
+                      (128, 32, 8, 3)},  # 40 / 36
+    (False, 2, 64): {(128, 64, 8, 2),  # 32 / 60
+                     (64, 64, 8, 3)},  # 44 / 80
 }
 DQ_CONFIGS = make_configs(_DQ_TILES + _DQ_TILES_FP32)
 
 
 @tuned("attn_bwd_dq", DQ_CONFIGS, attention_rule(_dq_smem, _DQ_TILES_FP32, _DQ_SPILLS),
        interpret_configs=INTERPRET_CONFIGS,
-       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"])
+       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "TMA"])
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
                         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -231,12 +254,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
                         H, S, qk_scale, scale,
                         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                         ALL_MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ of one query tile: grid ``(cdiv(S, BLOCK_M), B * H)``, the key range of the forward kernel."""
+                        TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query tile: grid ``(cdiv(S, BLOCK_M), B * H)``, the key range and the longest-first order
+    of the forward kernel."""
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    m0 = tl.program_id(0) * BLOCK_M
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     prefix = 0
     if HAS_PREFIX:
         prefix = tl.load(PREFIX + b).to(tl.int32)
@@ -253,20 +277,21 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < S
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows,
-                other=0.0).to(DOT_DTYPE)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=rows,
-                 other=0.0).to(DOT_DTYPE)
+    q_src = _rows(Q, b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
+    do_src = _rows(DO, b * stride_dob + h * stride_doh, S, stride_dos, BLOCK_M, HEAD_DIM, TMA)
+    q = _load_rows(q_src, m0, offs_m, offs_d, S, stride_qs, TMA).to(DOT_DTYPE)
+    do = _load_rows(do_src, m0, offs_m, offs_d, S, stride_dos, TMA).to(DOT_DTYPE)
     lse2 = tl.load(LSE + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
     delta = tl.load(DELTA + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh  # scalar bases: see _attn_fwd_kernel
-    v_base = V + b * stride_vb + h * stride_vh
+    # Descriptors or scalar bases (see _attn_fwd_kernel)
+    k_src = _rows(K, b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
+    v_src = _rows(V, b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, 0, full_end, offs_m, offs_n, offs_d, prefix, S,
-                   stride_ks, stride_vs, qk_scale, CAUSAL, False, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, full_end, hi, offs_m, offs_n, offs_d, prefix, S,
-                   stride_ks, stride_vs, qk_scale, CAUSAL, True, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_src, v_src, 0, full_end, offs_m, offs_n, offs_d, prefix, S,
+                   stride_ks, stride_vs, qk_scale, CAUSAL, False, BLOCK_N, DOT_DTYPE, DOT_PRECISION, TMA)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_src, v_src, full_end, hi, offs_m, offs_n, offs_d, prefix, S,
+                   stride_ks, stride_vs, qk_scale, CAUSAL, True, BLOCK_N, DOT_DTYPE, DOT_PRECISION, TMA)
     tl.store(DQ + pid_bh * S * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              _round(dq * scale, DQ.dtype.element_ty, DOT_DTYPE), mask=rows)
 
@@ -284,7 +309,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     Returns:
         ``(dq, dk, dv)``, contiguous ``(B, H, S, D)`` in q's dtype.
     """
-    q, k, v, out, do = prepare_inputs(q, k, v, out, do)
+    tma = use_tma(q)
+    q, k, v, out, do = prepare_inputs(q, k, v, out, do, tma=tma)
     batch, heads, seq, head_dim = q.shape
     dq, dk, dv = (new_output((batch, heads, seq, head_dim), dtype=q.dtype, device=q.device) for _ in range(3))
     if dq.numel() == 0:
@@ -292,7 +318,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     delta = new_output((batch, heads, seq), dtype=torch.float32, device=q.device)
     prefix, has_prefix = prefix_arg(prefix_lens, causal, q)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    flags = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_PREFIX=has_prefix, ALL_MASKED=mask_every_tile,
+    flags = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_PREFIX=has_prefix, ALL_MASKED=mask_every_tile, TMA=tma,
                  **dot_args(q.dtype))
 
     def grid_n(meta):
@@ -301,7 +327,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     def grid_m(meta):
         return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
 
-    with device_guard(q):
+    with device_guard(q), tma_scratch(tma, q.device):
         _bwd_delta_kernel[(triton.cdiv(seq, _DELTA_BLOCK), batch * heads)](
             out, do, delta, *out.stride()[:3], *do.stride()[:3], heads, seq, HEAD_DIM=head_dim,
             BLOCK_M=_DELTA_BLOCK)

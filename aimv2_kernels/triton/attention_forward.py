@@ -15,6 +15,7 @@ the config helpers and :func:`prepare_inputs` from here.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -94,9 +95,88 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def prepare_inputs(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Views with a unit stride in the head dimension (copied only when it is not); other strides are kept."""
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+TMA_ENV = "AIMV2_ATTENTION_TMA"
+
+
+def tma_for(capability: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels load through tensor descriptors (TMA) on a GPU of this compute capability
+    (``10 * major + minor``) for inputs of ``dtype``: sm_90 and newer, fp16 and bf16. fp32 inputs keep the
+    pointer loads: their products run on FMA units (see :func:`dot_args`), which TMA does not speed up, and
+    the FMA operand layouts fed from TMA tiles spilled kilobytes on sm_90a (up to 10 KB of spill stores at
+    D = 128, Triton 3.9). Shared with ``tools/triton_compile_check.py``, which compiles the variant each
+    target runs."""
+    return capability >= 90 and dtype in (torch.float16, torch.bfloat16)
+
+
+def use_tma(t: torch.Tensor) -> bool:
+    """The ``TMA`` flag of a launch on ``t``'s device and dtype.
+
+    ``AIMV2_ATTENTION_TMA`` = ``auto`` (default: :func:`tma_for`; off under ``TRITON_INTERPRET=1``), ``1``
+    (descriptors for fp16/bf16 inputs, also under the interpreter; on a GPU below sm_90 this is an error, not
+    a quiet pointer path) or ``0`` (pointer loads everywhere: the sm_80 code path, for comparisons on a
+    Hopper GPU). fp32 inputs always use pointer loads.
+    """
+    raw = os.environ.get(TMA_ENV, "auto").strip().lower() or "auto"
+    if raw not in ("auto", "0", "1"):
+        raise ValueError(f"{TMA_ENV} must be auto, 0 or 1, got {raw!r}")
+    if raw == "0" or t.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    capability = None
+    if t.is_cuda and not INTERPRET:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        capability = 10 * major + minor
+    if raw == "auto":
+        return capability is not None and tma_for(capability, t.dtype)
+    if capability is not None and not tma_for(capability, t.dtype):
+        raise RuntimeError(f"{TMA_ENV}=1: tensor descriptors need sm_90 or newer, this GPU is sm_{capability}")
+    return True
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """``t``'s (batch, head) matrices are valid TMA sources: 16-byte aligned start and row stride (every
+    stride but the last is a multiple of 16 bytes; the last is 1)."""
+    elt = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((stride * elt) % 16 == 0 for stride in t.stride()[:-1])
+
+
+def prepare_inputs(*tensors: torch.Tensor, tma: bool = False) -> list[torch.Tensor]:
+    """Views with a unit stride in the head dimension; other strides are kept.
+
+    A view is copied only when its head dimension is strided or, with ``tma``, when a descriptor cannot
+    address it (:func:`_tma_ready`; the views of AIMv2's fused qkv projection always can). The copy is a fresh
+    contiguous allocation (aligned), even for a tensor that is contiguous already but starts off a 16-byte
+    boundary.
+    """
+    def ready(t):
+        return t.stride(-1) == 1 and (not tma or _tma_ready(t))
+    return [t if ready(t) else t.clone(memory_format=torch.contiguous_format) for t in tensors]
+
+
+@contextlib.contextmanager
+def tma_scratch(enabled: bool, device: torch.device):
+    """Global scratch for the descriptors the kernels build on the device (``tl.make_tensor_descriptor``,
+    128 bytes per descriptor and program), allocated by torch on ``device`` during the launch.
+
+    Triton takes it from the allocator of ``triton.set_allocator``; when the caller has set none, one is
+    set for the duration of the block and the caller's state is restored after (a context variable).
+    """
+    if not enabled:
+        yield
+        return
+    from triton.runtime import _allocation  # the context variable behind triton.set_allocator
+
+    if _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:  # the caller's own allocator
+        yield
+        return
+
+    def allocate(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    token = _allocation._allocator.set(allocate)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def prefix_arg(prefix_lens: torch.Tensor | None, causal: bool, like: torch.Tensor):
@@ -130,25 +210,61 @@ def _round(x, DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, start, end, offs_m, offs_n, offs_d, prefix, seq_len,
+def _rows(base, offset, rows, stride_rows, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """The ``(rows, HEAD_DIM)`` matrix at ``base + offset`` (one batch and head, unit stride along the head
+    dimension): a tensor descriptor with ``(BLOCK, HEAD_DIM)`` blocks when ``TMA``, else the pointer itself.
+
+    Descriptors need a 16-byte aligned start and row stride; :func:`prepare_inputs` guarantees both.
+    """
+    if TMA:
+        return tl.make_tensor_descriptor(base + offset, shape=[rows, HEAD_DIM], strides=[stride_rows, 1],
+                                         block_shape=[BLOCK, HEAD_DIM])
+    else:
+        return base + offset
+
+
+@triton.jit
+def _load_rows(src, start, offs, offs_d, rows, stride_rows, TMA: tl.constexpr):
+    """Rows ``start + offs`` of a :func:`_rows` matrix, zeros at and past ``rows``: ``(len(offs), HEAD_DIM)``."""
+    if TMA:
+        return src.load([start, 0])
+    else:
+        return tl.load(src + offs[:, None] * stride_rows + offs_d[None, :], mask=offs[:, None] < rows, other=0.0)
+
+
+@triton.jit
+def _store_rows(dst, value, start, offs, offs_d, rows, stride_rows, TMA: tl.constexpr):
+    """Store ``value`` into rows ``start + offs`` (those below ``rows``) of a :func:`_rows` matrix."""
+    if TMA:
+        dst.store([start, 0], value)
+    else:
+        tl.store(dst + offs[:, None] * stride_rows + offs_d[None, :], value, mask=offs[:, None] < rows)
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, start, end, offs_m, offs_n, offs_d, prefix, seq_len,
                stride_ks, stride_vs, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
     """Online-softmax update over key tiles ``[start, end)``; scores in log2 units (``qk_scale`` has log2 e).
 
     ``q`` is already in ``DOT_DTYPE``; ``p`` is rounded to v's dtype before the second product, as in the
-    reference and FlashAttention. ``k_base``/``v_base`` point at this (batch, head); the tile addresses are
-    formed inside the loop (see :func:`_attn_fwd_kernel`).
+    reference and FlashAttention. ``k_src``/``v_src`` are this (batch, head)'s tensor descriptors when ``TMA``,
+    else its base pointers, from which the loop forms each tile's addresses (see :func:`_attn_fwd_kernel`).
     """
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kT_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None]
-        v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
-        if MASKED:
-            kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < seq_len, other=0.0)
+        if TMA:  # descriptor loads: rows past the sequence come back as zeros
+            kT = tl.trans(k_src.load([start_n, 0]))
+            v = v_src.load([start_n, 0])
         else:
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
+            kT_ptrs = k_src + cols[None, :] * stride_ks + offs_d[:, None]
+            v_ptrs = v_src + cols[:, None] * stride_vs + offs_d[None, :]
+            if MASKED:
+                kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
+                v = tl.load(v_ptrs, mask=cols[:, None] < seq_len, other=0.0)
+            else:
+                kT = tl.load(kT_ptrs)
+                v = tl.load(v_ptrs)
         qk = tl.dot(q, kT.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             qk = tl.where(_visible(offs_m[:, None], cols[None, :], prefix, seq_len, CAUSAL), qk, float("-inf"))
@@ -167,20 +283,22 @@ def _fwd_smem(config, elt, head_dim):
     return elt * (bm * head_dim + stages * 2 * bn * head_dim + bm * bn)
 
 
-# Hopper review (Triton 3.6 / 3.9, PTX of tools/triton_compile_check.py):
+# Hopper review (Triton 3.6 / 3.9, PTX of tools/triton_compile_check.py; docs/attention-kernels.md has the tables):
 # * Products: tl.dot. Every fp16/bf16 config below compiles to wgmma on sm_90a (num_warps 4 or 8, and the M of
 #   each product, BLOCK_M here and in dQ, BLOCK_N in dK/dV, is >= 64); sm_80 gets mma.sync. fp32 inputs use
 #   input_precision "ieee", which no tensor-core instruction offers: FMA, hence the separate small fp32 tiles
 #   (tf32 / 3xtf32 would change the results).
-# * Loads: pointer tl.load, pipelined by num_stages (cp.async into a shared-memory ring), not tensor descriptors
-#   / TMA (tl.make_tensor_descriptor): left to the TMA issue. Known so far: TMA needs a 16-byte aligned base and
-#   strides (true for AIMv2's qkv views), descriptors made on the device need a global scratch allocator
-#   (triton.set_allocator), Triton lowers descriptors to pointer loads below sm_90 (so one kernel serves both),
-#   and its interpreter runs them. TMA would also free the address registers that, with the fp32
-#   accumulators, decide which tiles spill below.
+# * Loads: fp16/bf16 on sm_90+ read q, k, v, dO through tensor descriptors made on the device (TMA:
+#   cp.async.bulk.tensor into shared memory, pipelined by num_stages; O is stored through one too), everything
+#   else through pointer loads (cp.async). Same kernel source, the TMA constexpr picks the path (use_tma). The
+#   descriptors free the address registers: at D = 128 on sm_90a the 128 x 64 / 8-warp forward tile went from
+#   180-182 to 144-168 registers, 128 x 128 / 8 warps from 234-255 to 191-245, and two more dK/dV tiles stopped
+#   spilling (Triton 3.9 / 3.6 ranges).
+# * Warp specialisation: Triton 3.6's tl.range(..., warp_specialize=True) left this loop unchanged on sm_90a
+#   (no setmaxnreg in the PTX, the same registers; Triton documents it for Blackwell), so it is not used.
 # * Tiles at D = 128: 128 x 64 with 8 warps (two warpgroups of 64 query rows) is the usual FlashAttention-2
 #   forward tile on Hopper; at D = 64, 128 x 128 with 8 warps and 128 x 64 with 4 also fit. num_stages 2-3:
-#   128 x 64 x 3 stages takes 131072 B of the 232448 B of shared memory at D = 128 (bf16).
+#   128 x 64 x 3 stages takes 132096 B of the 232448 B of shared memory at D = 128 (bf16, TMA).
 #
 # fp16/bf16 tiles (BLOCK_M, BLOCK_N, num_warps, num_stages), expected best first on an H100/H200 at D = 128
 # (not benchmarked here); AIMV2_AUTOTUNE_MAX_CONFIGS=N keeps the first N that the rule keeps. (64, 128, 4, 3),
@@ -190,21 +308,22 @@ _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)
 # both versions. Larger fp32 tiles spill kilobytes (64 x 64 with 8 warps: 67760 B on sm_90a at D = 128, Triton
 # 3.6); 16 x 64 spilled with Triton 3.9 on sm_80, 32 x 32 on sm_90a, both at D = 128.
 _FWD_TILES_FP32 = [(32, 64, 8, 1)]
-# Tiles that spill registers, by (sm_90+, element bytes, D class): worst spill stores + loads over the masking
-# modes with Triton 3.6 / 3.9, in bytes.
+# Tiles that spill registers, by (sm_90+, element bytes, D class): worst spill stores over the masking modes
+# and fp16/bf16 with Triton 3.6 / 3.9, in bytes (sm_90+: the TMA path; sm_80: pointers).
 _FWD_SPILLS = {
-    (True, 2, 128): {(128, 64, 4, 3)},  # 496 / 776 at 255 registers (8 warps: 176-182 registers, no spill)
-    (False, 2, 128): {(128, 64, 4, 3),  # 764 / 860
-                      (128, 64, 8, 3),  # 0 / 24 (211-255 registers)
-                      (128, 128, 8, 2)},  # 24 / 80 (also above sm_80's shared memory by the estimate)
-    (False, 2, 64): {(128, 64, 4, 3)},  # 0 / 32
+    (True, 2, 128): {(128, 64, 4, 3)},  # 108 / 16 at 255 registers (8 warps: 144-168 registers, no spill)
+    (False, 2, 128): {(128, 64, 4, 3),  # 400 / 464
+                      (128, 64, 8, 3),  # 0 / 28 (226-255 registers)
+                      (128, 128, 8, 2)},  # 20 / 64 (also above sm_80's shared memory by the estimate)
+    (False, 2, 64): {(128, 64, 4, 3),  # 12 / 20
+                     (128, 128, 8, 2)},  # 4 / 4 (since the longest-first grid order; 0 before)
 }
 FWD_CONFIGS = make_configs(_FWD_TILES + _FWD_TILES_FP32)
 
 
 @tuned("attn_fwd", FWD_CONFIGS, attention_rule(_fwd_smem, _FWD_TILES_FP32, _FWD_SPILLS),
        interpret_configs=INTERPRET_CONFIGS,
-       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX"])
+       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "TMA"])
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -212,9 +331,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,
                      H, S, qk_scale,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                      ALL_MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One query tile of one (batch, head): grid ``(cdiv(S, BLOCK_M), B * H)``; writes O and the fp32 LSE."""
-    pid_m = tl.program_id(0)
+                     TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query tile of one (batch, head): grid ``(cdiv(S, BLOCK_M), B * H)``; writes O and the fp32 LSE.
+
+    Longest tiles first: program 0 takes the last query tile. A tile's work is ``max(m0 + BLOCK_M, prefix)``
+    keys, which never decreases with ``m0``, so the blocks the GPU dispatches last (the tail of the grid) are
+    the shortest ones.
+    """
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
@@ -234,30 +358,29 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < S, other=0.0).to(DOT_DTYPE)
     # Scalar bases; the loops form each tile's addresses (here and in the backward kernels). Before, tensors of
     # 64-bit pointers ([HEAD_DIM, BLOCK_N] here) were made once and carried through every loop. Same loads, same
-    # results, fewer registers: with Triton 3.6 (bf16, worst masking mode) 27 of the 64 (config, target, head
-    # dim) cases of the former config lists spill instead of 31, e.g. this kernel's 128x64 tile with 4 warps
-    # at D = 128 on sm_90a 496 B instead of 1556, dQ's 128x64/4 warps on sm_80 8540 B instead of 50516, dK/dV's
-    # 32x64/4 warps on sm_80 0 instead of 12 (Triton 3.9: 24); a few grow (dK/dV 64x128/4 warps, sm_80, D = 64:
-    # 8004 B instead of 4220). tools/triton_compile_check.py measures them.
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    # results, fewer registers (tools/triton_compile_check.py measures them). With TMA, descriptors replace
+    # the pointers: the copy engine forms the addresses and zero-fills the rows past S.
+    q_src = _rows(Q, b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
+    k_src = _rows(K, b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
+    v_src = _rows(V, b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
+    q = _load_rows(q_src, m0, offs_m, offs_d, S, stride_qs, TMA).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # Key 0 is visible to every query, so each row has a finite maximum after the first tile.
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, 0, full_end, offs_m, offs_n, offs_d, prefix, S,
-                               stride_ks, stride_vs, qk_scale, CAUSAL, False, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, full_end, hi, offs_m, offs_n, offs_d, prefix, S,
-                               stride_ks, stride_vs, qk_scale, CAUSAL, True, BLOCK_N, DOT_DTYPE, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, 0, full_end, offs_m, offs_n, offs_d, prefix, S,
+                               stride_ks, stride_vs, qk_scale, CAUSAL, False, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+                               TMA)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, full_end, hi, offs_m, offs_n, offs_d, prefix, S,
+                               stride_ks, stride_vs, qk_scale, CAUSAL, True, BLOCK_N, DOT_DTYPE, DOT_PRECISION,
+                               TMA)
 
-    out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, _round(out, O.dtype.element_ty, DOT_DTYPE), mask=offs_m[:, None] < S)
+    out = _round(acc / l_i[:, None], O.dtype.element_ty, DOT_DTYPE)
+    o_dst = _rows(O, b * stride_ob + h * stride_oh, S, stride_os, BLOCK_M, HEAD_DIM, TMA)
+    _store_rows(o_dst, out, m0, offs_m, offs_d, S, stride_os, TMA)
     lse2 = m_i + tl.math.log2(l_i)  # log2 of the softmax denominator, log2(e) * LSE
     tl.store(LSE + pid_bh * S + offs_m, lse2, mask=offs_m < S)
 
@@ -278,7 +401,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_
         of the scaled scores in base 2 (``log2(e) * logsumexp``: the backward subtracts it from the scores in
         log2 units directly, which saves two roundings of a number as large as the logits).
     """
-    q, k, v = prepare_inputs(q, k, v)
+    tma = use_tma(q)
+    q, k, v = prepare_inputs(q, k, v, tma=tma)
     batch, heads, seq, head_dim = q.shape
     out = new_output((batch, heads, seq, head_dim), dtype=q.dtype, device=q.device)
     lse = new_output((batch, heads, seq), dtype=torch.float32, device=q.device)
@@ -289,9 +413,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_
     def grid(meta):
         return (triton.cdiv(seq, meta["BLOCK_M"]), batch * heads)
 
-    with device_guard(q):
+    with device_guard(q), tma_scratch(tma, q.device):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse, prefix, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             heads, seq, scale * LOG2E, HEAD_DIM=head_dim, CAUSAL=causal, HAS_PREFIX=has_prefix,
-            ALL_MASKED=mask_every_tile, **dot_args(q.dtype))
+            ALL_MASKED=mask_every_tile, TMA=tma, **dot_args(q.dtype))
     return out, lse
