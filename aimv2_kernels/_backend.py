@@ -77,7 +77,9 @@ KERNELS: dict[tuple[str, str], Callable[[], Callable]] = {
 CUDA_KERNELS_VERIFIED = False
 CUDA_AUTO: dict[str, tuple[str, str]] = {
     "patch_mse_loss": ("triton", "no GPU measurement yet: the CUDA kernel has not run on a GPU"),
-    "prefix_attention": ("triton", "no GPU measurement yet: the CUDA kernels have not run on a GPU"),
+    "prefix_attention": ("triton", "no GPU measurement yet: the CUDA kernels have not run on a GPU; on Hopper the "
+                         "Triton kernels use wgmma and TMA, the CUDA ones mma.sync (README, prefix attention on "
+                         "Hopper)"),
     "cross_entropy": ("triton", "no GPU measurement yet: the CUDA kernel has not run on a GPU"),
     "linear_cross_entropy": ("triton", "no GPU measurement yet: the CUDA kernel has not run on a GPU"),
 }

@@ -2,12 +2,13 @@
 # The whole GPU check in one call: bash bench/gpu_check.sh [--dry-run] OUTDIR
 #
 # On a machine with an NVIDIA GPU (the lent H200: torch 2.11, triton 3.6, Python 3.12, 16 cores, no network) the
-# stages run in this order, each under its own time cap (seconds; 470 in all, under 8 minutes):
+# stages run in this order, each under its own time cap (seconds; 500 in all, under 9 minutes):
 #   env        the GPU, the versions; peers from .whl/ (make gpu-wheels) installed into a temporary folder
 #   build      pip install -e . with the CUDA extension for this GPU's architecture, ptxas report     (130)
 #   triton     the Triton ops' correctness tests on the GPU                                             (60)
 #   cuda       the backend="cuda" tests, in a process of their own (a kernel fault poisons its process) (40)
 #   bench      every op against its reference and the installed peers, "% of limit" per row          (140)
+#   tma        Triton attention with TMA loads against pointer loads (Hopper)                            (30)
 #   train      the AIMv2-L training step, batch 128, eager, every backend (MFU)                         (50)
 #   profile    the op shares of that step (torch profiler)                                              (25)
 #   smoke      aimv2-train (bf16 autocast, checkpoint, resume) and aimv2-probe on the GPU, tiny preset  (25)
@@ -153,6 +154,10 @@ fi
 # --- performance -----------------------------------------------------------------------------------------------
 stage bench 140 "$PY" bench/run.py --device "$DEV" --modes fwd,fwd+bwd --out "$DETAIL/bench" \
   --summary "$DETAIL/bench_summary.md" "${QUICK[@]}"
+# The Triton attention kernels with tensor-descriptor (TMA) loads against pointer loads, on a Hopper GPU (elsewhere
+# both rows say why they do not run): the measurement behind the TMA default (docs/attention-kernels.md).
+stage tma 30 env AIMV2_BENCH_TRITON_POINTERS=1 "$PY" bench/run.py --device "$DEV" --op prefix_attention \
+  --providers triton,triton-pointers --modes fwd,fwd+bwd --out "$DETAIL/tma" --no-plots "${QUICK[@]}"
 stage train 50 "$PY" bench/train_throughput.py --device "$DEV" --preset "$PRESET" --batch-size "$BATCH" \
   --steps "$STEPS" --warmup "$WARMUP" --modes eager --out "$DETAIL/train"
 stage profile 25 "$PY" bench/train_throughput.py --device "$DEV" --preset "$PRESET" --batch-size "$BATCH" \
