@@ -18,7 +18,6 @@ import os
 import random
 import re
 import shutil
-import time
 import warnings
 from pathlib import Path
 
@@ -28,9 +27,6 @@ import torch.distributed as dist
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 DCP_DIR, STATE_FILE = "dcp", "state.pt"
-# Tests only: seconds to sleep after the model/optimizer shards are written and before the checkpoint is
-# completed, so a test can SIGKILL a real run in the middle of writing a checkpoint.
-PAUSE_ENV = "AIMV2_TEST_CHECKPOINT_PAUSE"
 
 
 class CheckpointError(RuntimeError):
@@ -125,9 +121,6 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     with _quiet_single_process():
         dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-    if pause > 0:
-        time.sleep(pause)
     _barrier()
     if rank == 0:
         torch.save(state, tmp / STATE_FILE)
@@ -232,8 +225,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return state
 
 
-def load_encoder(path: str | Path, *, backend: str = "auto", preset: str | None = None):
-    """The trained encoder of a training checkpoint, in eval mode on the CPU.
+def load_trained_encoder(path: str | Path, *, backend: str = "auto", preset: str | None = None):
+    """The trained encoder of a training checkpoint, in eval mode on the CPU (released weights:
+    :func:`aimv2.pretrained.load_pretrained_encoder`).
 
     Args:
         path: a run folder, its ``checkpoints`` folder or one ``step_*`` checkpoint (the newest is taken).

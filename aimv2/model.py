@@ -6,10 +6,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from aimv2_kernels import linear_cross_entropy, patch_mse_loss
+from aimv2_kernels import BACKENDS, linear_cross_entropy, patch_mse_loss
 
 from .config import AIMv2Config, DecoderConfig, EncoderConfig
 from .layers import Transformer, fan_in_trunc_normal_, resize_pos_embed, sincos_pos_embed
+from .weights import read_pretrained
 
 
 class PatchEmbed(nn.Module):
@@ -88,11 +89,24 @@ class AIMv2Encoder(nn.Module):
         self.preprocessor.init_weights()
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "AIMv2Encoder":
+    def from_pretrained(cls, path, *, image_size: int | None = None, backend: str = "auto", config=None,
+                        drop_head: bool = False) -> "AIMv2Encoder":
         """Load released weights from a folder (``config.json`` + ``model.safetensors``) in transformers'
-        ``Aimv2VisionModel`` layout, Apple's original layout or timm's; see :func:`aimv2.pretrained.load_encoder`."""
-        from .pretrained import load_encoder
-        return load_encoder(path, **kwargs)
+        ``Aimv2VisionModel`` layout, Apple's original layout or timm's, or a bare weights file: the encoder in
+        eval mode, fp32 on the CPU. Arguments and errors: :func:`aimv2.pretrained.load_pretrained_encoder`. A
+        training run folder of ``aimv2-train`` is refused (ValueError): load it with
+        :func:`aimv2.checkpoint.load_trained_encoder`."""
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, one of {BACKENDS}, got {type(backend).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        cfg, state = read_pretrained(path, image_size=image_size, config=config, drop_head=drop_head)
+        with torch.device("meta"):
+            encoder = cls(cfg, backend=backend)
+        encoder.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in list(encoder.parameters()) + list(encoder.buffers())):
+            raise RuntimeError("AIMv2Encoder.from_pretrained: the encoder has tensors the checkpoint did not fill")
+        return encoder.eval()
 
 
 class AIMv2Decoder(nn.Module):

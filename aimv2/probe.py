@@ -1,4 +1,4 @@
-"""The attentive probe of AIMv2's evaluation, and ``aimv2-probe``: top-1 of a frozen trunk on labelled images.
+"""The attentive probe of AIMv2's evaluation: top-1 of a frozen trunk on labelled images (the library).
 
 The head follows Apple's ``AttentionPoolingClassifier`` (ml-aim): an optional non-affine BatchNorm over the
 features, one learned query per head (no query projection), key and value projections without bias, a softmax
@@ -13,23 +13,21 @@ images. Unlike the paper there is no data augmentation (features are cached) and
 
 Python: :func:`run_probe` (one trunk) and :func:`run_probes` (several trunks on the same images), with the
 pieces :func:`extract_features`, :func:`train_probe`, :func:`evaluate_probe` and :func:`random_encoder`.
-Command line: ``aimv2-probe --checkpoint runs/demo --vs-random`` (see :func:`build_parser`).
+Command line: ``aimv2-probe --checkpoint runs/demo --vs-random`` (:mod:`aimv2.probe_cli`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._extras import require
+from .cli import UsageError
 from .data import NORMALIZATIONS
 
 PROBE_HEAD_DIM = 128
@@ -116,14 +114,20 @@ def probe_forward(probe: AttentionPoolingClassifier, features: torch.Tensor) -> 
 # Labelled images
 # --------------------------------------------------------------------------------------------------------
 
-class ProbeUsageError(ValueError):
-    """Bad input to the probe (a flag, a path, a preset); the CLI prints it as one line and exits with 2."""
+class ProbeUsageError(UsageError):
+    """Bad input to the probe (a flag, a path, a preset; a ValueError); the CLI prints it as one line and exits
+    with 2."""
+
+
+class ProbeDataError(ValueError):
+    """The images cannot be probed: none is readable, or too few are left to train or test the probe. The CLI
+    prints it as one line and exits with 1 (an operational error, see :mod:`aimv2.cli`)."""
 
 
 class LabelledImages:
     """Images with labels for the probe: ``len(x)`` items; ``x[i]`` is ``(image, label)``, image float32
     ``(3, S, S)`` in ``[0, 1]`` (not normalized), label a non-negative int. An item may raise
-    ``aimv2.sources.BadSample`` (a corrupt file): the probe skips and counts it.
+    ``aimv2.data.BadSample`` (a corrupt file): the probe skips and counts it.
 
     Built from ``images`` float ``(M, 3, S, S)`` in ``[0, 1]`` and ``labels`` int ``(M,)`` tensors; see
     :class:`SourceImages` and :class:`FolderImages` for the other kinds.
@@ -169,9 +173,9 @@ class SourceImages:
 
 
 class FolderImages:
-    """``(image, label)`` items of an ``aimv2.sources.ClassFolder`` (a folder of class subfolders).
+    """``(image, label)`` items of an ``aimv2.data.ClassFolder`` (a folder of class subfolders).
 
-    Each image goes through ``aimv2.sources.EvalTransform(image_size, crop_pct)`` (float32 ``(3, S, S)`` in
+    Each image goes through ``aimv2.data.EvalTransform(image_size, crop_pct)`` (float32 ``(3, S, S)`` in
     ``[0, 1]``). ``classes``: the label space; a folder class is mapped to its index there by name (so a test
     folder can be labelled in the train folder's classes); None: the folder's own ``classes``. A corrupt
     image raises ``BadSample`` (skipped and counted by the probe).
@@ -179,7 +183,7 @@ class FolderImages:
 
     def __init__(self, folder, image_size: int, *, classes: Sequence[str] | None = None, crop_pct: float = 1.0,
                  indices: Sequence[int] | None = None):
-        from .sources import EvalTransform
+        from .data import EvalTransform
 
         self.folder, self.transform = folder, EvalTransform(image_size, crop_pct=crop_pct)
         self.classes = list(folder.classes if classes is None else classes)
@@ -267,9 +271,9 @@ def extract_features(encoders: nn.Module | Mapping[str, nn.Module], data, *, nor
         name -> features when ``encoders`` is a mapping), labels int64 ``(M,)`` on the CPU, and the number of
         items skipped because they raised ``BadSample`` (``M = len(data) - skipped``).
     """
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "the probe's progress bar").tqdm
 
-    from .sources import BadSample  # one unreadable image: skipped and counted
+    from .data import BadSample  # one unreadable image: skipped and counted
 
     single = isinstance(encoders, nn.Module)
     encs = {"trunk": encoders} if single else dict(encoders)
@@ -318,7 +322,7 @@ def extract_features(encoders: nn.Module | Mapping[str, nn.Module], data, *, nor
         for name, enc in encs.items():
             enc.train(modes[name])
     if count == 0:
-        raise ValueError(f"data has no readable image ({skipped} skipped of {n})")
+        raise ProbeDataError(f"data has no readable image ({skipped} skipped of {n})")
     feats = {name: f[:count] for name, f in feats.items()}
     return (feats["trunk"] if single else feats), labels[:count], skipped
 
@@ -382,7 +386,7 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
         The trained probe, in eval mode. Weight decay applies to the k/v/linear weights, not to biases or
         the query. Each epoch visits every sample once, in ``ceil(M / batch_size)`` near-equal batches.
     """
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "the probe's progress bar").tqdm
 
     settings = settings or ProbeSettings()
     settings.check()
@@ -392,7 +396,7 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     if labels.shape != (m,):
         raise ValueError(f"labels must have shape ({m},), got {tuple(labels.shape)}")
     if m < 2:
-        raise ValueError(f"the probe needs at least 2 training images, got {m}")
+        raise ProbeDataError(f"the probe needs at least 2 training images, got {m}")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
     device = features.device
@@ -479,7 +483,7 @@ def run_probes(encoders: Mapping[str, nn.Module], train, test=None, *, num_class
     if test is None:
         tr_idx, te_idx = _stratified_split(tr_labels, float(test_fraction), seed)
         if te_idx.numel() == 0:
-            raise ValueError("the split left no test image: give more images or a test set")
+            raise ProbeDataError("the split left no test image: give more images or a test set")
         te_labels, tr_labels = tr_labels[te_idx], tr_labels[tr_idx]
         te_feats = {k: f[te_idx.to(f.device)] for k, f in tr_feats.items()}
         tr_feats = {k: f[tr_idx.to(f.device)] for k, f in tr_feats.items()}
@@ -568,247 +572,3 @@ def random_encoder(config, *, seed: int = 0, backend: str = "auto") -> nn.Module
             enc.init_weights()
             return enc.eval()
     raise TypeError(f"config must be a preset name, an AIMv2Config or an EncoderConfig, got {type(config).__name__}")
-
-
-def load_trunk(args: argparse.Namespace) -> tuple[nn.Module, str, object, str]:
-    """The trunk the flags name: ``(encoder, description, config, normalize)``: config is an ``AIMv2Config``
-    (checkpoint, random) or an ``EncoderConfig`` (pretrained); normalize the trunk's own pixel statistics (a
-    checkpoint's training ``--normalize``, ``"clip"`` for released weights, ``"imagenet"`` for a random
-    trunk). Raises ProbeUsageError naming the flag."""
-    from .config import PRESETS
-
-    if args.preset is not None and args.preset not in PRESETS:
-        raise ProbeUsageError(f"--preset: unknown preset {args.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    if args.checkpoint is not None:
-        from .checkpoint import CheckpointError, find_checkpoint, load_encoder, read_state
-
-        if not Path(args.checkpoint).exists():
-            raise ProbeUsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
-        try:
-            enc, cfg = load_encoder(args.checkpoint, backend=args.backend, preset=args.preset)
-            ckpt = find_checkpoint(Path(args.checkpoint))
-            normalize = read_state(ckpt).get("train_config", {}).get("normalize", "imagenet")
-        except (CheckpointError, OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ProbeUsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
-        normalize = normalize if normalize in NORMALIZATIONS else "imagenet"
-        return enc, f"checkpoint {args.checkpoint} ({cfg.name}, {ckpt.name})", cfg, normalize
-    if args.pretrained is not None:
-        from .model import AIMv2Encoder
-
-        if not Path(args.pretrained).exists():
-            raise ProbeUsageError(f"--pretrained {args.pretrained}: no such file or directory")
-        try:  # config: a checkpoint of another shape than --preset is refused, every differing field named
-            enc = AIMv2Encoder.from_pretrained(args.pretrained, backend=args.backend, config=args.preset)
-        except Exception as exc:  # noqa: BLE001 - a loader boundary: any failure is reported against the flag
-            raise ProbeUsageError(f"--pretrained {args.pretrained}: {exc}") from None
-        return enc.eval(), f"pretrained {args.pretrained}", enc.cfg, "clip"
-    if args.random not in PRESETS:
-        raise ProbeUsageError(f"--random: unknown preset {args.random!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    if args.preset is not None and args.preset != args.random:
-        raise ProbeUsageError(f"--random {args.random} and --preset {args.preset} name different presets")
-    from .config import AIMv2Config
-
-    enc = random_encoder(args.random, seed=args.seed, backend=args.backend)
-    return enc, f"random {args.random} (seed {args.seed})", AIMv2Config.from_name(args.random), "imagenet"
-
-
-# --------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = ProbeSettings()
-    p = _Parser(prog="aimv2-probe",
-                description="Frozen-trunk attentive probe (AIMv2's evaluation protocol): top-1 of the trunk's "
-                            "last-layer features on labelled images.")
-    trunk = p.add_mutually_exclusive_group(required=True)
-    trunk.add_argument("--checkpoint", metavar="PATH", help="a training run folder or checkpoint (aimv2-train)")
-    trunk.add_argument("--pretrained", metavar="PATH", help="released weights (folder with config.json + "
-                                                            "model.safetensors)")
-    trunk.add_argument("--random", metavar="PRESET", help="a randomly initialised trunk of PRESET (seeded by --seed)")
-    p.add_argument("--preset", default=None, help="refuse a trunk of any other preset")
-    p.add_argument("--vs-random", action="store_true",
-                   help="also probe a randomly initialised trunk of the same shape (same data, settings and "
-                        "seed) and print both")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="heldout",
-                   help="'heldout' (default: the bundled ShapesDataset heldout split, label = kind of the first "
-                        "shape) or a folder of class subfolders")
-    g.add_argument("--test-data", metavar="FOLDER", default=None,
-                   help="with a --data folder: a folder of class subfolders to report top-1 on (default: a "
-                        "seeded stratified split of --data)")
-    g.add_argument("--test-fraction", type=float, default=0.2, help="test share of a --data folder (default 0.2)")
-    g.add_argument("--train-size", type=int, default=2000,
-                   help="heldout images to train the probe on (default %(default)s)")
-    g.add_argument("--test-size", type=int, default=1000,
-                   help="heldout images to report top-1 on (default %(default)s)")
-    g.add_argument("--image-size", type=int, default=None, help="default: the trunk's")
-    g.add_argument("--crop-pct", type=float, default=1.0, help="center-crop share of a folder image (default 1.0)")
-    g.add_argument("--normalize", choices=tuple(NORMALIZATIONS), default=None,
-                   help="pixel statistics (default: the trunk's own: a checkpoint's training --normalize, "
-                        "imagenet by default; clip for --pretrained; imagenet for --random)")
-    o = p.add_argument_group("probe training")
-    o.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
-    o.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW, betas 0.9/0.999; "
-                                                          "default %(default)s)")
-    o.add_argument("--weight-decay", "--wd", type=float, default=d.weight_decay, help="default %(default)s")
-    o.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up (default "
-                                                                                 "%(default)s)")
-    o.add_argument("--min-lr", type=float, default=d.min_lr, help="end of the cosine (default %(default)s)")
-    o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="default %(default)s")
-    o.add_argument("--seed", type=int, default=0,
-                   help="probe init, batch order, folder split, random trunk (default %(default)s)")
-    r = p.add_argument_group("running")
-    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    r.add_argument("--backend", default="auto", help="op backend of the trunk")
-    r.add_argument("--extract-batch-size", type=int, default=64, help="images per trunk forward (default %(default)s)")
-    r.add_argument("--feature-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype of the cached features")
-    r.add_argument("--out", metavar="FILE", default=None, help="write the results as JSON")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return p
-
-
-def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from aimv2_kernels import BACKENDS
-
-    for name in ("train_size", "test_size", "epochs", "batch_size", "extract_batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "grad_clip"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("weight_decay", "warmup_epochs", "min_lr"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.min_lr > args.lr:
-        p.error(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
-    if not 0 < args.test_fraction < 1:
-        p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    if not 0 < args.crop_pct <= 1:
-        p.error(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
-    if args.image_size is not None and args.image_size < 1:
-        p.error(f"--image-size must be positive, got {args.image_size}")
-    if args.backend not in BACKENDS:
-        p.error(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
-    if args.vs_random and args.random is not None:
-        p.error("--vs-random: the trunk is already random (--random)")
-    if args.test_data is not None and args.data == "heldout":
-        p.error("--test-data needs --data FOLDER (the heldout data has its own test part: --test-size)")
-
-
-def _resolve_device(name: str | None) -> torch.device:
-    """``--device`` as aimv2-train reads it, with its one-line error as a ProbeUsageError."""
-    from .train import UsageError
-    from .train import _resolve_device as resolve
-
-    try:
-        return resolve(name)
-    except UsageError as exc:
-        raise ProbeUsageError(str(exc)) from None
-
-
-def _open_folder(path: str, flag: str):
-    from .sources import ClassFolder
-
-    if not Path(path).exists():
-        raise ProbeUsageError(f"{flag} {path}: no such file or directory")
-    if not Path(path).is_dir():
-        raise ProbeUsageError(f"{flag} {path}: not a folder (give 'heldout' or a folder of class subfolders)")
-    try:
-        folder = ClassFolder(path)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ProbeUsageError(f"{flag} {path}: {exc}") from None
-    if len(folder) == 0:
-        raise ProbeUsageError(f"{flag} {path}: no images found in class subfolders")
-    return folder
-
-
-def _build_data(args: argparse.Namespace, image_size: int):
-    """``(train, test, num_classes, description)`` for the flags; test None means a split of train."""
-    if args.data == "heldout":
-        train, test = heldout_shapes(image_size, args.train_size, args.test_size)
-        from .data import ShapesDataset
-        return train, test, ShapesDataset.num_classes, f"heldout shapes {args.train_size}/{args.test_size}"
-    folder = _open_folder(args.data, "--data")
-    classes = list(folder.classes)
-    if len(classes) < 2:
-        raise ProbeUsageError(f"--data {args.data}: the probe needs at least 2 class subfolders, found {classes}")
-    train = FolderImages(folder, image_size, crop_pct=args.crop_pct)
-    if args.test_data is None:
-        return train, None, len(classes), f"folder {args.data} ({len(classes)} classes, {args.test_fraction:g} test)"
-    test_folder = _open_folder(args.test_data, "--test-data")
-    try:
-        test = FolderImages(test_folder, image_size, classes=classes, crop_pct=args.crop_pct)
-    except ProbeUsageError as exc:
-        raise ProbeUsageError(f"--test-data {args.test_data}: {exc}") from None
-    return train, test, len(classes), f"folders {args.data} / {args.test_data} ({len(classes)} classes)"
-
-
-def _summary(desc: str, r: dict) -> str:
-    skipped = f", {r['skipped']} unreadable skipped" if r["skipped"] else ""
-    return (f"{desc}: top-1 {100 * r['top1']:.1f}% on {r['num_test']} test images (probe trained on "
-            f"{r['num_train']}, train top-1 {100 * r['train_top1']:.1f}%, majority class "
-            f"{100 * r['majority_top1']:.1f}%; {r['num_classes']} classes, features {r['tokens']}x{r['dim']}; "
-            f"extract {r['extract_s']:.1f} s, probe {r['train_s']:.1f} s{skipped})")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
-    try:
-        device = _resolve_device(args.device)
-        enc, desc, cfg, own_normalize = load_trunk(args)
-        normalize = args.normalize or own_normalize
-        enc_cfg = enc.cfg
-        image_size = args.image_size or enc_cfg.image_size
-        if image_size % enc_cfg.patch_size:
-            raise ProbeUsageError(f"--image-size {image_size} is not a multiple of the patch size "
-                                  f"{enc_cfg.patch_size}")
-        encoders = {"trunk": enc.to(device)}
-        descs = {"trunk": desc}
-        if args.vs_random:
-            encoders["random"] = random_encoder(cfg, seed=args.seed, backend=args.backend).to(device)
-            descs["random"] = f"random {getattr(cfg, 'name', 'trunk')} (seed {args.seed})"
-        train, test, num_classes, data_desc = _build_data(args, image_size)
-        settings = ProbeSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                 weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                                 min_lr=args.min_lr, grad_clip=args.grad_clip)
-        results = run_probes(encoders, train, test, num_classes=num_classes, test_fraction=args.test_fraction,
-                             normalize=normalize, settings=settings, seed=args.seed,
-                             extract_batch_size=args.extract_batch_size,
-                             feature_dtype=getattr(torch, args.feature_dtype),
-                             progress=None if args.progress else False)
-    except ValueError as exc:  # a ProbeUsageError, or e.g. a folder whose images are all unreadable
-        print(f"aimv2-probe: error: {exc}", file=sys.stderr)
-        return 2
-    for name, r in results.items():
-        print(_summary(descs[name], r))
-    if args.vs_random:
-        gap = 100 * (results["trunk"]["top1"] - results["random"]["top1"])
-        print(f"trained - random: {gap:+.1f} points of top-1")
-    if args.out:
-        def clean(name: str) -> dict:
-            r = {k: v for k, v in results[name].items() if k != "probe"}
-            return {"trunk": descs[name], **r}
-        report = {**clean("trunk"), "data": data_desc, "image_size": image_size, "normalize": normalize}
-        if args.vs_random:
-            report["baseline"] = clean("random")
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results: {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

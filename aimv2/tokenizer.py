@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._extras import require
+
 __all__ = [
     "Tokenizer",
     "ByteTokenizer",
@@ -187,12 +189,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_file = os.fspath(model_file)
         if not os.path.isfile(self.model_file):
             raise FileNotFoundError(f"SentencePiece model_file not found: {self.model_file!r}")
-        try:
-            import sentencepiece
-        except ImportError as e:
-            raise ImportError(
-                "SentencePieceTokenizer needs the sentencepiece package: pip install sentencepiece"
-            ) from e
+        sentencepiece = require("sentencepiece", "SentencePieceTokenizer")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=self.model_file)
         self.lower = bool(lower)
         self.strip_punctuation = bool(strip_punctuation)

@@ -24,7 +24,9 @@ import torch.distributed as dist
 
 from aimv2_kernels import BACKENDS
 
+from ._extras import require
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .cli import OperationalError, Parser, UsageError, one_line, resolve_device, run_main
 from .config import PRESETS, AIMv2Config
 from .data import NORMALIZATIONS
 from .model import AIMv2
@@ -71,6 +73,9 @@ def lr_at(step: int, cfg: TrainConfig, peak: float) -> float:
     return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+PROG = "aimv2-train"
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No decay on norms, biases, position embeddings and the start token; decay on everything else."""
     no_decay_keys = ("norm", "bias", "pos_embed", "start_token")
@@ -81,31 +86,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class UsageError(ValueError):
-    """A bad flag value found while setting up the run (printed as one line, exit code 2)."""
-
-
-def _resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device must be cpu or cuda[:N], got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda[:N], got {name!r}")
-    return device
-
-
 def init_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
     """``(rank, world_size, device)``. Under ``torchrun`` with ``WORLD_SIZE > 1`` this initialises the default
     process group (NCCL on GPUs, one per ``LOCAL_RANK``; gloo on CPUs); otherwise it is a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, _resolve_device(device_name)
-    device = _resolve_device(device_name)
+        return 0, 1, resolve_device(device_name)
+    device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -149,24 +136,26 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig):
-        from .data import Normalize, build_dataset
-        from .loader import TrainLoader
+        from .data import Normalize, TrainLoader, build_dataset
         from .tokenizer import build_tokenizer
 
         self.cfg = cfg
         self.out = Path(cfg.out)
         if cfg.normalize not in NORMALIZATIONS:
-            raise ValueError(f"--normalize must be one of {tuple(NORMALIZATIONS)}, got {cfg.normalize!r}")
+            raise UsageError(f"--normalize must be one of {tuple(NORMALIZATIONS)}, got {cfg.normalize!r}")
         self.rank, self.world_size, self.device = init_distributed(cfg.device)
         if cfg.batch_size % self.world_size:
-            raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the world size {self.world_size}")
+            raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of the world size {self.world_size}")
         self.model_cfg = AIMv2Config.from_name(cfg.preset, backend=cfg.backend)
         if cfg.native_resolution and self.model_cfg.encoder.pos_embed != "sincos":
             self.model_cfg.encoder = dataclasses.replace(self.model_cfg.encoder, pos_embed="sincos")
         dec = self.model_cfg.decoder
-        self.tokenizer = build_tokenizer(cfg.tokenizer, context_length=dec.context_length)
+        try:  # 'bytes' or a SentencePiece file: anything else, a missing file or no sentencepiece is a bad flag
+            self.tokenizer = build_tokenizer(cfg.tokenizer, context_length=dec.context_length)
+        except (ValueError, FileNotFoundError, ImportError) as exc:
+            raise UsageError(one_line(exc)) from exc
         if self.tokenizer.vocab_size > dec.vocab_size:
-            raise ValueError(f"--tokenizer {cfg.tokenizer} has {self.tokenizer.vocab_size} tokens but preset "
+            raise UsageError(f"--tokenizer {cfg.tokenizer} has {self.tokenizer.vocab_size} tokens but preset "
                              f"{cfg.preset} has a vocabulary of {dec.vocab_size}")
         if self.tokenizer.pad_id != dec.pad_id:
             self.model_cfg.decoder.pad_id = self.tokenizer.pad_id
@@ -175,12 +164,17 @@ class Trainer:
             source = build_dataset("shapes", split="train", image_size=enc.image_size, seed=cfg.seed)
             augment = bool(cfg.augment)  # the captions name positions: a flip or a crop would make them wrong
         else:
-            from .sources import open_source
-            source = open_source(cfg.data)
+            from .data import open_source
+            try:  # a path that does not exist, or holds no samples of a kind aimv2 reads: a bad --data
+                source = open_source(cfg.data)
+            except (ValueError, FileNotFoundError) as exc:
+                raise UsageError(one_line(exc)) from exc
+            except OSError as exc:  # it exists but cannot be read
+                raise OperationalError(one_line(exc)) from exc
             augment = cfg.augment is None or cfg.augment
         transform = None
         if hasattr(source, "raw") and not augment:
-            from .sources import EvalTransform
+            from .data import EvalTransform
             transform = EvalTransform(enc.image_size)  # called as transform(image, rng): the rng goes unused
         workers = cfg.workers if cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
         self.loader = TrainLoader(source, self.tokenizer, cfg.batch_size, image_size=enc.image_size,
@@ -296,7 +290,7 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     """Loss curves (total, image, text) and the learning rate against the step, as a PNG."""
-    import matplotlib
+    matplotlib = require("matplotlib", "aimv2-train's loss plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -323,12 +317,9 @@ def run(cfg: TrainConfig) -> dict:
 
     Under ``torchrun`` every rank calls this; only rank 0 writes metrics, plots and prints.
     """
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "aimv2-train's progress bar").tqdm
 
-    try:
-        trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        raise UsageError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from exc
+    trainer = Trainer(cfg)  # a bad flag value raises UsageError
     lead = trainer.rank == 0
     metrics_path = trainer.out / "metrics.jsonl"
     if lead:
@@ -394,14 +385,9 @@ def run(cfg: TrainConfig) -> dict:
             "world_size": trainer.world_size}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = _Parser(prog="aimv2-train", description="Pre-train AIMv2 (encoder + causal multimodal decoder).")
+    p = Parser(prog=PROG, description="Pre-train AIMv2 (encoder + causal multimodal decoder).")
     p.add_argument("--preset", default=d.preset, help=f"model preset, one of: {', '.join(sorted(PRESETS))}")
     p.add_argument("--out", default=d.out, help="run folder: metrics.jsonl, checkpoints/, loss.png")
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
@@ -461,12 +447,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``aimv2-train``: exit status 0; 2 after a usage error, 1 after an operational error such as a checkpoint
+    that is missing or corrupt (see aimv2.cli)."""
     cfg = parse_args(argv)
+    return run_main(PROG, _main, cfg)
+
+
+def _main(cfg: TrainConfig) -> int:
     try:
         summary = run(cfg)
-    except (UsageError, CheckpointError) as exc:
-        print(f"aimv2-train: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Tests of aimv2.data: the procedural shapes dataset, normalization and the resumable batch loader."""
+"""Tests of aimv2.data's bundled shapes dataset and of the pixel normalization."""
 
 import dataclasses
 
@@ -9,22 +9,15 @@ import torch
 from aimv2.data import (
     CLIP_MEAN,
     CLIP_STD,
-    COLOURS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    POSITIONS,
-    SHAPES,
-    SIZE_FRACTION,
-    SIZES,
-    Batch,
-    BatchLoader,
     ImageTextSource,
     Normalize,
     Sample,
     ShapesDataset,
     build_dataset,
 )
-from aimv2.tokenizer import ByteTokenizer
+from aimv2.data.bundled import COLOURS, POSITIONS, SHAPES, SIZE_FRACTION, SIZES
 
 
 def test_sample_types_and_range():
@@ -106,35 +99,6 @@ def test_shape_kinds_are_visually_distinct():
             assert (masks[k] ^ masks[j]).sum() > 20
 
 
-class _PlainSource:
-    """A source with only __len__ and __getitem__ (no read_into fast path)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds[i]
-
-
-def test_read_into_matches_getitem():
-    ds = ShapesDataset("train", size=8, image_size=56)
-    out = torch.full((3, 56, 56), float("nan"))
-    sample = ds.read_into(5, out)
-    assert sample.image is out and torch.equal(out, ds[5].image)
-    assert (sample.caption, sample.label) == (ds[5].caption, ds[5].label)
-    with pytest.raises(ValueError, match="out"):
-        ds.read_into(0, torch.empty(3, 28, 28))
-    tok = ByteTokenizer()
-    fast, plain = BatchLoader(ds, tok, 4, seed=5), BatchLoader(_PlainSource(ds), tok, 4, seed=5)
-    for _ in range(3):
-        x, y = next(fast), next(plain)
-        assert torch.equal(x.images, y.images) and torch.equal(x.tokens, y.tokens)
-        assert torch.equal(x.labels, y.labels)
-
-
 def test_image_sizes():
     for size in (28, 56, 224, 100):
         img = ShapesDataset(size=4, image_size=size)[3].image
@@ -176,88 +140,3 @@ def test_normalize():
         norm(torch.rand(4, 8, 8))
     with pytest.raises(TypeError, match="x"):
         norm(torch.zeros(3, 8, 8, dtype=torch.uint8))
-
-
-def _batches(loader, n):
-    return [next(loader) for _ in range(n)]
-
-
-def test_loader_batches():
-    ds = ShapesDataset("train", size=20, image_size=28)
-    tok = ByteTokenizer()
-    loader = BatchLoader(ds, tok, 6, seed=1)
-    assert loader.batches_per_epoch == 3
-    epoch0 = _batches(loader, 3)
-    b = epoch0[0]
-    assert isinstance(b, Batch)
-    assert b.images.dtype == torch.float32 and b.images.shape == (6, 3, 28, 28)
-    assert b.tokens.dtype == torch.long and b.tokens.shape == (6, 77)
-    assert b.labels.dtype == torch.long and b.labels.shape == (6,)
-    # The batch is the normalized, tokenized form of some permutation of the source.
-    seen = []
-    for batch in epoch0:
-        for row in range(6):
-            caption = tok.decode(batch.tokens[row])
-            matches = [i for i in range(len(ds)) if tok.decode(tok.encode(ds[i].caption)) == caption]
-            image = batch.images[row]
-            i = next(i for i in matches if torch.allclose(Normalize()(ds[i].image), image, atol=1e-6))
-            assert batch.labels[row].item() == ds[i].label
-            seen.append(i)
-    assert len(set(seen)) == 18  # drop_last: 2 of 20 samples skipped
-    assert loader.state_dict() == {"epoch": 0, "position": 18}
-    epoch1 = _batches(loader, 3)
-    assert loader.state_dict() == {"epoch": 1, "position": 18}
-    assert not torch.equal(epoch0[0].images, epoch1[0].images)  # a new permutation each epoch
-    # Same seed, same stream; another seed, another order.
-    again = _batches(BatchLoader(ds, tok, 6, seed=1), 3)
-    assert all(torch.equal(x.images, y.images) for x, y in zip(epoch0, again, strict=True))
-    other = _batches(BatchLoader(ds, tok, 6, seed=2), 3)
-    assert not all(torch.equal(x.images, y.images) for x, y in zip(epoch0, other, strict=True))
-
-
-def test_loader_no_shuffle_keep_last():
-    ds = ShapesDataset("train", size=10, image_size=28)
-    identity = Normalize((0, 0, 0), (1, 1, 1))
-    loader = BatchLoader(ds, ByteTokenizer(), 4, shuffle=False, drop_last=False, normalize=identity)
-    assert loader.batches_per_epoch == 3
-    sizes = [b.images.shape[0] for b in _batches(loader, 4)]
-    assert sizes == [4, 4, 2, 4]
-    first = next(BatchLoader(ds, ByteTokenizer(), 4, shuffle=False, normalize=identity))
-    assert torch.equal(first.images, torch.stack([ds[i].image for i in range(4)]))
-    doubled = next(BatchLoader(ds, ByteTokenizer(), 4, shuffle=False, normalize=lambda x: 2 * x))
-    assert torch.equal(doubled.images, 2 * first.images)
-
-
-@pytest.mark.parametrize("drop_last", [True, False])
-def test_loader_resume_is_exact(drop_last):
-    ds = ShapesDataset("train", size=23, image_size=28)
-    tok = ByteTokenizer(context_length=32)
-    full = _batches(BatchLoader(ds, tok, 5, seed=7, drop_last=drop_last), 13)
-    for stop in (0, 3, 4, 5, 9):
-        loader = BatchLoader(ds, tok, 5, seed=7, drop_last=drop_last)
-        head = _batches(loader, stop)
-        state = loader.state_dict()
-        resumed = BatchLoader(ds, tok, 5, seed=7, drop_last=drop_last)
-        resumed.load_state_dict(state)
-        tail = _batches(resumed, 13 - stop)
-        for x, y in zip(full, head + tail, strict=True):
-            assert torch.equal(x.images, y.images) and torch.equal(x.tokens, y.tokens)
-            assert torch.equal(x.labels, y.labels)
-
-
-def test_loader_bad_arguments():
-    ds = ShapesDataset("train", size=10, image_size=28)
-    tok = ByteTokenizer()
-    with pytest.raises(ValueError, match="batch_size"):
-        BatchLoader(ds, tok, 0)
-    with pytest.raises(TypeError, match="batch_size"):
-        BatchLoader(ds, tok, 2.0)
-    with pytest.raises(ValueError, match="batch_size"):
-        BatchLoader(ds, tok, 11)
-    with pytest.raises(ValueError, match="seed"):
-        BatchLoader(ds, tok, 2, seed=-1)
-    loader = BatchLoader(ds, tok, 4)
-    with pytest.raises(ValueError, match="position"):
-        loader.load_state_dict({"epoch": 0, "position": 9})
-    with pytest.raises(ValueError, match="epoch"):
-        loader.load_state_dict({"epoch": -1, "position": 0})

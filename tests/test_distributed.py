@@ -1,7 +1,8 @@
 """Real processes: torchrun + FSDP2 on gloo against one process, resume on another world size, and SIGKILL.
 
 Every run here is a real ``python -m aimv2.train`` (or ``torchrun -m aimv2.train``) subprocess on the aimv2-tiny
-preset, one thread per process, so the CPU arithmetic is the same from run to run.
+preset, one thread per process, so the CPU arithmetic is the same from run to run; the run killed inside a
+checkpoint is a script that slows the checkpoint down and then calls ``aimv2.train.main``.
 """
 import json
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from aimv2.checkpoint import PAUSE_ENV, list_checkpoints
+from aimv2.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +27,13 @@ RTOL = 1e-5
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+def _train_flags(out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--preset", "aimv2-tiny", "--steps", str(steps), "--batch-size", "8", "--log-every", "1",
+            "--ckpt-every", "3", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+
+
 def _train_args(out: Path, steps: int, *extra: str) -> list[str]:
-    return ["-m", "aimv2.train", "--preset", "aimv2-tiny", "--steps", str(steps), "--batch-size", "8",
-            "--log-every", "1", "--ckpt-every", "3", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+    return ["-m", "aimv2.train", *_train_flags(out, steps, *extra)]
 
 
 def _run(argv: list[str], nproc: int = 1, **kw) -> subprocess.CompletedProcess:
@@ -83,6 +88,41 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.005)
 
 
+# A script that runs aimv2-train (aimv2.train.main, the console script's entry point) with every checkpoint
+# pausing between writing its DCP shards and completing (rng files, state.pt, the rename into place), so a test
+# can SIGKILL a real run while a checkpoint is half written.
+_SLOW_CHECKPOINT = """\
+import sys
+import time
+
+sys.path.insert(0, {root!r})
+import torch.distributed.checkpoint as dcp
+
+from aimv2.train import main
+
+_save = dcp.save
+
+
+def _save_then_pause(*args, **kwargs):
+    result = _save(*args, **kwargs)
+    time.sleep({pause})
+    return result
+
+
+dcp.save = _save_then_pause  # aimv2.checkpoint.save_checkpoint looks dcp.save up at each call
+if __name__ == "__main__":
+    sys.exit(main())
+"""
+
+
+def _slow_checkpoint_script(tmp_path: Path, pause: float) -> Path:
+    import aimv2
+
+    script = tmp_path / "train_slow_checkpoint.py"
+    script.write_text(_SLOW_CHECKPOINT.format(root=str(Path(aimv2.__file__).resolve().parents[1]), pause=pause))
+    return script
+
+
 def _steps_logged(out: Path) -> int:
     path = out / "metrics.jsonl"
     if not path.exists():
@@ -102,9 +142,8 @@ def test_sigkill_at_any_moment_resumes_to_the_same_losses(tmp_path):
 
     # 1. SIGKILL while the step-6 checkpoint is half written: its shards are on disk, state.pt is not,
     #    and it still has its temporary name.
-    env = dict(ENV, **{PAUSE_ENV: "2"})
-    proc = subprocess.Popen([sys.executable] + _train_args(killed, steps), env=env, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
+    launch = [sys.executable, str(_slow_checkpoint_script(tmp_path, pause=2.0)), *_train_flags(killed, steps)]
+    proc = subprocess.Popen(launch, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     ckpts = killed / "checkpoints"
     _wait(lambda: (ckpts / ".tmp-step_00000006" / "dcp" / ".metadata").exists(), proc)
     proc.send_signal(signal.SIGKILL)

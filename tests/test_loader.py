@@ -4,9 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from aimv2.data import ShapesDataset
-from aimv2.loader import MAX_REPLACEMENTS, TrainLoader, sample_budget_exponent
-from aimv2.sources import BadSample, RawSample
+from aimv2.data import BadSample, Normalize, RawSample, ShapesDataset, TrainLoader, sample_budget_exponent
+from aimv2.data.loader import MAX_REPLACEMENTS
 from aimv2.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer(context_length=24)
@@ -74,6 +73,34 @@ def test_batches_are_random_but_seeded():
     assert p.dtype == torch.int64 and int(p.min()) >= 1 and int(p.max()) <= 15 and len(set(p.tolist())) > 1
     assert a[0].images.dtype == torch.float32 and a[0].images.shape == (8, 3, 56, 56)
     assert a[0].global_size == 8 and a[0].skipped == []
+
+
+def test_batches_are_the_normalized_samples_of_each_epochs_permutation():
+    """A global batch holds the normalized images, tokenized captions and labels of distinct samples of the
+    epoch's permutation; the incomplete tail is dropped; each epoch draws another permutation; a callable
+    ``normalize`` is applied as given."""
+    src = ShapesDataset("train", size=20, image_size=28, seed=3)
+    loader = TrainLoader(src, TOK, 6, image_size=28, seed=1)
+    epochs = [_take(loader, 3), _take(loader, 3)]
+    assert epochs[0][-1].state == {"epoch": 0, "batch": 3, "position": 18}  # 2 of 20 samples dropped
+    assert epochs[1][-1].state == {"epoch": 1, "batch": 3, "position": 18}
+    norm = Normalize()
+    samples = [src[i] for i in range(len(src))]
+    orders = []
+    for batches in epochs:
+        order = []
+        for batch in batches:
+            for row in range(6):
+                i = next(i for i, s in enumerate(samples)
+                         if torch.allclose(norm(s.image), batch.images[row], atol=1e-6))
+                assert torch.equal(batch.tokens[row], TOK([samples[i].caption])[0])
+                assert batch.labels[row].item() == samples[i].label
+                order.append(i)
+        assert len(set(order)) == 18
+        orders.append(order)
+    assert orders[0] != orders[1]
+    doubled = next(TrainLoader(src, TOK, 6, image_size=28, seed=1, normalize=lambda x: 2 * x))
+    assert torch.equal(doubled.images, 2 * torch.stack([samples[i].image for i in orders[0][:6]]))
 
 
 @pytest.mark.parametrize("make", [_shapes, _Pictures], ids=["shapes", "raw+augment"])

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from aimv2.config import AIMv2Config, EncoderConfig, swiglu_hidden
 from aimv2.layers import resize_pos_embed, sincos_pos_embed
 from aimv2.model import AIMv2Encoder
-from aimv2.pretrained import CheckpointMismatchError, load_encoder, save_encoder
+from aimv2.pretrained import CheckpointMismatchError, load_pretrained_encoder, save_encoder
 from aimv2_kernels.testing import assert_within_budget, max_abs_err
 
 TINY = dict(image_size=56, patch_size=14, dim=64, depth=2, num_heads=2)  # the aimv2-tiny preset's encoder
@@ -148,7 +148,7 @@ def test_load_is_fp32_and_other_files(tmp_path):
     """A bf16 export loads as fp32; pytorch_model.bin folders, sharded indexes and bare files load too."""
     enc = _random_encoder()
     save_encoder(copy.deepcopy(enc).to(torch.bfloat16), tmp_path / "bf16", "hf")
-    loaded = load_encoder(tmp_path / "bf16")
+    loaded = load_pretrained_encoder(tmp_path / "bf16")
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     assert torch.equal(loaded.trunk.post_trunk_norm.weight, enc.trunk.post_trunk_norm.weight.bfloat16().float())
 
@@ -158,7 +158,7 @@ def test_load_is_fp32_and_other_files(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
     torch.save({"state_dict": tensors, "step": 3}, tmp_path / "bin" / "pytorch_model.bin")
-    _assert_same_weights(load_encoder(tmp_path / "bin"), enc)
+    _assert_same_weights(load_pretrained_encoder(tmp_path / "bin"), enc)
     # A sharded safetensors checkpoint
     shard = tmp_path / "shard"
     shard.mkdir()
@@ -169,27 +169,27 @@ def test_load_is_fp32_and_other_files(tmp_path):
     weight_map = {k: file for file, keys in halves.items() for k in keys}
     (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (shard / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
-    _assert_same_weights(load_encoder(shard), enc)
+    _assert_same_weights(load_pretrained_encoder(shard), enc)
 
     # Bare files: the shape comes from the tensors; num_heads from config= (dim 64 is not a multiple of 128).
     bare = tmp_path / "hf" / "model.safetensors"
     with pytest.raises(ValueError, match="num_heads"):
-        load_encoder(bare)
-    _assert_same_weights(load_encoder(bare, config="aimv2-tiny"), enc)
+        load_pretrained_encoder(bare)
+    _assert_same_weights(load_pretrained_encoder(bare, config="aimv2-tiny"), enc)
     torch.save(enc.state_dict(), tmp_path / "apple.pth")
-    _assert_same_weights(load_encoder(tmp_path / "apple.pth", config=EncoderConfig(**TINY)), enc)
+    _assert_same_weights(load_pretrained_encoder(tmp_path / "apple.pth", config=EncoderConfig(**TINY)), enc)
     # ... or from AIMv2's head_dim 128 when the width allows it
     wide = _random_encoder(dim=256)
     save_encoder(wide, tmp_path / "wide", "timm")
-    got = load_encoder(tmp_path / "wide" / "model.safetensors")
+    got = load_pretrained_encoder(tmp_path / "wide" / "model.safetensors")
     assert got.cfg == wide.cfg
     _assert_same_weights(got, wide)
     # A bare file without a position embedding is the native (sin-cos) model
     native = _random_encoder("sincos")
     save_file(native.state_dict(), str(tmp_path / "native.safetensors"))
-    _assert_same_weights(load_encoder(tmp_path / "native.safetensors", config=native.cfg), native)
+    _assert_same_weights(load_pretrained_encoder(tmp_path / "native.safetensors", config=native.cfg), native)
     with pytest.raises(ValueError, match="pos_embed sincos in the checkpoint vs learned in preset 'aimv2-tiny'"):
-        load_encoder(tmp_path / "native.safetensors", config="aimv2-tiny")
+        load_pretrained_encoder(tmp_path / "native.safetensors", config="aimv2-tiny")
 
 
 def test_lit_prefixes_and_heads(tmp_path):
@@ -212,13 +212,13 @@ def test_lit_prefixes_and_heads(tmp_path):
         config = {"model_type": "aimv2", "vision_config": vision, "text_config": {}} if layout == "hf" else vision
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=r"head.*drop_head=True") as err:
-            load_encoder(folder)
+            load_pretrained_encoder(folder)
         assert prefix + "head.cls_token" in str(err.value)
-        _assert_same_weights(load_encoder(folder, drop_head=True), enc)
+        _assert_same_weights(load_pretrained_encoder(folder, drop_head=True), enc)
         # A key outside the tower that belongs to no known tower is unexpected
         _edit(folder, lambda t: t.update({"stray.weight": torch.zeros(2)}))
         with pytest.raises(CheckpointMismatchError, match="stray.weight"):
-            load_encoder(folder, drop_head=True)
+            load_pretrained_encoder(folder, drop_head=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,12 +235,12 @@ def test_strict_keys_and_shapes(tmp_path):
 
     _edit(tmp_path, lambda t: t.update({"encoder.layers.0.attention.extra.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointMismatchError, match=r"1 unexpected key \(encoder\.layers\.0\.attention\.extra"):
-        load_encoder(tmp_path)
+        load_pretrained_encoder(tmp_path)
 
     _edit(tmp_path, restore)
     _edit(tmp_path, lambda t: t.pop("encoder.layers.1.attention.k_proj.weight"))
     with pytest.raises(ValueError, match=r"1 missing key \(encoder\.layers\.1\.attention\.k_proj\.weight\)") as err:
-        load_encoder(tmp_path)
+        load_pretrained_encoder(tmp_path)
     assert err.value.missing == ["encoder.layers.1.attention.k_proj.weight"] and not err.value.unexpected
 
     _edit(tmp_path, restore)
@@ -248,14 +248,14 @@ def test_strict_keys_and_shapes(tmp_path):
     with pytest.raises(CheckpointMismatchError,
                        match=rf"shape mismatch \(encoder\.layers\.0\.ffn\.up_proj\.weight: \[{HID}, {D - 4}\] in the "
                              rf"file vs \[{HID}, {D}\] expected\)"):
-        load_encoder(tmp_path)
+        load_pretrained_encoder(tmp_path)
 
     # Many keys: the first few of each kind are shown, with the counts
     _edit(tmp_path, restore)
     _edit(tmp_path, lambda t: [t.pop(k) for k in list(t) if k.startswith("encoder.layers.1.")]
           + [t.update({f"junk.{i}": torch.zeros(1)}) for i in range(7)])
     with pytest.raises(CheckpointMismatchError) as err:
-        load_encoder(tmp_path)
+        load_pretrained_encoder(tmp_path)
     msg = str(err.value)
     assert "9 missing keys" in msg and "4 more" in msg and "7 unexpected keys (junk.0" in msg and "2 more" in msg
     assert len(err.value.missing) == 9 and len(err.value.unexpected) == 7 and "\n" not in msg
@@ -264,45 +264,73 @@ def test_strict_keys_and_shapes(tmp_path):
     _edit(tmp_path, restore)
     _edit(tmp_path, lambda t: t.pop("embeddings.patch_embed.weight"))
     with pytest.raises(CheckpointMismatchError, match=r"1 missing key \(embeddings\.patch_embed\.weight\)"):
-        load_encoder(tmp_path)
+        load_pretrained_encoder(tmp_path)
     with pytest.raises(ValueError, match="cannot infer the encoder's shape"):
-        load_encoder(tmp_path / "model.safetensors")  # a bare file has nothing else to go by
+        load_pretrained_encoder(tmp_path / "model.safetensors")  # a bare file has nothing else to go by
 
     # A config.json that disagrees with the tensors is a shape mismatch too
     _edit(tmp_path, restore)
     _edit_config(tmp_path, lambda c: c.update(image_size=84))
     with pytest.raises(CheckpointMismatchError, match="embeddings.position_embedding.weight: \\[16, 64\\]"):
-        load_encoder(tmp_path)
+        load_pretrained_encoder(tmp_path)
     # and so is a learned-position config with the table missing (never silently read as sin-cos)
     _edit_config(tmp_path, lambda c: c.update(image_size=56))
     _edit(tmp_path, lambda t: t.pop("embeddings.position_embedding.weight"))
     with pytest.raises(CheckpointMismatchError, match="1 missing key \\(embeddings.position_embedding.weight\\)"):
-        load_encoder(tmp_path)
+        load_pretrained_encoder(tmp_path)
 
 
 def test_config_mismatch_is_refused_naming_the_field(tmp_path):
     save_encoder(_random_encoder(), tmp_path, "apple")
-    assert load_encoder(tmp_path, config="aimv2-tiny").cfg == EncoderConfig(**TINY)
+    assert load_pretrained_encoder(tmp_path, config="aimv2-tiny").cfg == EncoderConfig(**TINY)
     with pytest.raises(ValueError, match=r"dim 64 in the checkpoint vs 128 in preset 'aimv2-demo'") as err:
-        load_encoder(tmp_path, config="aimv2-demo")
+        load_pretrained_encoder(tmp_path, config="aimv2-demo")
     msg = str(err.value)
     assert "image_size 56 in the checkpoint vs 112" in msg and "depth 2 in the checkpoint vs 4" in msg
     with pytest.raises(ValueError, match=r"num_heads 2 in the checkpoint vs 4 in the given config"):
-        load_encoder(tmp_path, config=EncoderConfig(**{**TINY, "num_heads": 4}))
+        load_pretrained_encoder(tmp_path, config=EncoderConfig(**{**TINY, "num_heads": 4}))
     with pytest.raises(ValueError, match=r"pos_embed learned in the checkpoint vs sincos"):
-        load_encoder(tmp_path, config=EncoderConfig(**{**TINY, "pos_embed": "sincos"}))
+        load_pretrained_encoder(tmp_path, config=EncoderConfig(**{**TINY, "pos_embed": "sincos"}))
     with pytest.raises(ValueError, match=r"dim 64 in the checkpoint vs 1024 in preset 'aimv2-large-patch14-224'"):
-        load_encoder(tmp_path, config="aimv2-large-patch14-224")
+        load_pretrained_encoder(tmp_path, config="aimv2-large-patch14-224")
     # The size asked for with image_size= is what the config must have
     at_112 = EncoderConfig(**{**TINY, "image_size": 112})
-    assert load_encoder(tmp_path, image_size=112, config=at_112).cfg == at_112
+    assert load_pretrained_encoder(tmp_path, image_size=112, config=at_112).cfg == at_112
     with pytest.raises(ValueError, match=r"image_size 84 requested vs 112 in the given config"):
-        load_encoder(tmp_path, image_size=84, config=at_112)
-    assert load_encoder(tmp_path, config=AIMv2Config.from_name("aimv2-tiny")).cfg.dim == 64
+        load_pretrained_encoder(tmp_path, image_size=84, config=at_112)
+    assert load_pretrained_encoder(tmp_path, config=AIMv2Config.from_name("aimv2-tiny")).cfg.dim == 64
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
-        load_encoder(tmp_path, config="nope")
+        load_pretrained_encoder(tmp_path, config="nope")
     with pytest.raises(TypeError, match="config must be"):
-        load_encoder(tmp_path, config=3)
+        load_pretrained_encoder(tmp_path, config=3)
+
+
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
+def test_encoder_shapes_table_is_the_model(pos_embed):
+    """aimv2.layouts knows the encoder's keys and shapes without importing the model: they must agree."""
+    from aimv2.layouts import encoder_shapes
+
+    cfg = EncoderConfig(**{**TINY, "depth": 3, "pos_embed": pos_embed})
+    with torch.device("meta"):
+        sd = AIMv2Encoder(cfg, backend="reference").state_dict()
+    assert list(encoder_shapes(cfg).items()) == [(k, tuple(v.shape)) for k, v in sd.items()]
+
+
+def test_a_training_run_is_refused_naming_the_loader(tmp_path):
+    """aimv2-train's output (checkpoints/step_*/state.pt) is not released weights: the error names the function
+    that loads it."""
+    from aimv2.pretrained import is_training_run
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    (step / "dcp").mkdir(parents=True)
+    (step / "state.pt").write_bytes(b"")
+    for path in (tmp_path / "run", tmp_path / "run" / "checkpoints", step, step / "state.pt"):
+        assert is_training_run(path), path
+        with pytest.raises(ValueError, match=r"training run.*aimv2\.checkpoint\.load_trained_encoder"):
+            AIMv2Encoder.from_pretrained(path)
+    save_encoder(_random_encoder(), tmp_path / "released", "hf")
+    assert not is_training_run(tmp_path / "released")
+    assert not is_training_run(tmp_path / "released" / "model.safetensors")
 
 
 def test_path_and_argument_errors(tmp_path):
@@ -311,42 +339,42 @@ def test_path_and_argument_errors(tmp_path):
         AIMv2Encoder.from_pretrained(missing)
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        load_encoder(tmp_path)  # a folder without weights
+        load_pretrained_encoder(tmp_path)  # a folder without weights
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="broken.safetensors") as err:
-        load_encoder(tmp_path / "broken.safetensors")
+        load_pretrained_encoder(tmp_path / "broken.safetensors")
     assert "\n" not in str(err.value)
     (tmp_path / "weights.txt").write_text("x")
     with pytest.raises(ValueError, match="weights.txt"):
-        load_encoder(tmp_path / "weights.txt")
+        load_pretrained_encoder(tmp_path / "weights.txt")
     with pytest.raises(TypeError, match="path"):
-        load_encoder(3)
+        load_pretrained_encoder(3)
 
     save_encoder(_random_encoder(), tmp_path / "ok", "hf")
     with pytest.raises(ValueError, match="backend"):
-        load_encoder(tmp_path / "ok", backend="gpu")
+        load_pretrained_encoder(tmp_path / "ok", backend="gpu")
     with pytest.raises(TypeError, match="image_size"):
-        load_encoder(tmp_path / "ok", image_size=84.0)
+        load_pretrained_encoder(tmp_path / "ok", image_size=84.0)
     with pytest.raises(ValueError, match="image_size"):
-        load_encoder(tmp_path / "ok", image_size=50)  # not a multiple of 14
+        load_pretrained_encoder(tmp_path / "ok", image_size=50)  # not a multiple of 14
     with pytest.raises(ValueError, match="layout"):
         save_encoder(_random_encoder(), tmp_path / "x", "onnx")
     with pytest.raises(TypeError, match="AIMv2Encoder"):
         save_encoder(torch.nn.Linear(2, 2), tmp_path / "x")
     (tmp_path / "ok" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
-        load_encoder(tmp_path / "ok")
+        load_pretrained_encoder(tmp_path / "ok")
 
 
 def test_biases_are_refused(tmp_path):
     save_encoder(_random_encoder(), tmp_path, "hf")
     _edit_config(tmp_path, lambda c: c.update(qkv_bias=True))
     with pytest.raises(ValueError, match="qkv_bias=True"):
-        load_encoder(tmp_path)
+        load_pretrained_encoder(tmp_path)
     _edit_config(tmp_path, lambda c: c.update(qkv_bias=False))
     _edit(tmp_path, lambda t: t.update({"encoder.layers.0.ffn.up_proj.bias": torch.zeros(HID)}))
     with pytest.raises(ValueError, match=r"bias tensors \(encoder\.layers\.0\.ffn\.up_proj\.bias\)"):
-        load_encoder(tmp_path)
+        load_pretrained_encoder(tmp_path)
 
 
 def test_timm_config_without_model_args(tmp_path):
@@ -354,7 +382,7 @@ def test_timm_config_without_model_args(tmp_path):
     save_encoder(_random_encoder(), tmp_path, "timm")
     _edit_config(tmp_path, lambda c: c.pop("model_args"))
     with pytest.raises(CheckpointMismatchError, match=r"dim=1024, depth=24, num_heads=8, mlp_hidden=2816"):
-        load_encoder(tmp_path)  # the tensors are tiny but the config says aimv2_large
+        load_pretrained_encoder(tmp_path)  # the tensors are tiny but the config says aimv2_large
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,7 +392,7 @@ def test_timm_config_without_model_args(tmp_path):
 def test_image_size_resizes_learned_pos_embed_bicubically(tmp_path):
     enc = _random_encoder()
     save_encoder(enc, tmp_path, "hf")
-    big = load_encoder(tmp_path, image_size=84, backend="reference")
+    big = load_pretrained_encoder(tmp_path, image_size=84, backend="reference")
     assert big.cfg == EncoderConfig(**{**TINY, "image_size": 84})
     table = enc.preprocessor.pos_embed.detach()  # (1, 16, D) on a 4 x 4 grid
     grid = table.reshape(1, 4, 4, D).permute(0, 3, 1, 2)
@@ -377,7 +405,7 @@ def test_image_size_resizes_learned_pos_embed_bicubically(tmp_path):
         assert torch.equal(big(x), enc(x))
     # A sin-cos checkpoint just changes its nominal size
     save_encoder(_random_encoder("sincos"), tmp_path / "native", "apple")
-    assert load_encoder(tmp_path / "native", image_size=112).cfg.image_size == 112
+    assert load_pretrained_encoder(tmp_path / "native", image_size=112).cfg.image_size == 112
 
 
 # ---------------------------------------------------------------------------------------------------------

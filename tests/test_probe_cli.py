@@ -1,4 +1,5 @@
-"""aimv2.probe's protocol and the ``aimv2-probe`` CLI: run_probe, trunks, data plumbing, JSON and bad input.
+"""aimv2.probe's protocol and the ``aimv2-probe`` CLI (aimv2.probe_cli): run_probe, trunks, data plumbing, JSON
+and bad input.
 
 Everything uses the aimv2-tiny preset (56 px, 16 patches of width 64), a few dozen images and a few probe epochs.
 """
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from aimv2.probe import (AttentionPoolingClassifier, LabelledImages, ProbeSettings, heldout_shapes, main,
-                         probe_forward, random_encoder, run_probe, run_probes)
+from aimv2.probe import (AttentionPoolingClassifier, LabelledImages, ProbeSettings, heldout_shapes, probe_forward,
+                         random_encoder, run_probe, run_probes)
+from aimv2.probe_cli import main
 
 FAST = ["--train-size", "32", "--test-size", "16", "--epochs", "2", "--batch-size", "16", "--no-progress"]
 FAST_SETTINGS = ProbeSettings(epochs=2, batch_size=16)
@@ -216,7 +218,7 @@ def test_cli_checkpoint_of_another_preset_is_refused(tiny_run, capsys):
 
 def test_cli_folder_of_class_subfolders(colour_folder, tmp_path, capsys):
     """Classes separable by colour: even a random trunk gets them; the corrupt image is skipped and counted."""
-    pytest.importorskip("aimv2.sources")
+    pytest.importorskip("aimv2.data.sources")
     out = tmp_path / "folder.json"
     assert main(["--random", "aimv2-tiny", "--data", str(colour_folder), "--epochs", "15", "--batch-size", "8",
                  "--lr", "3e-3", "--no-progress", "--out", str(out)]) == 0
@@ -229,7 +231,7 @@ def test_cli_folder_of_class_subfolders(colour_folder, tmp_path, capsys):
 
 
 def test_cli_folder_with_a_test_folder(colour_folder, tmp_path):
-    pytest.importorskip("aimv2.sources")
+    pytest.importorskip("aimv2.data.sources")
     import shutil
 
     test_root = tmp_path / "test"
@@ -244,7 +246,7 @@ def test_cli_folder_with_a_test_folder(colour_folder, tmp_path):
 
 
 def test_cli_test_folder_with_an_unknown_class_is_refused(colour_folder, tmp_path, capsys):
-    pytest.importorskip("aimv2.sources")
+    pytest.importorskip("aimv2.data.sources")
     from PIL import Image
 
     (tmp_path / "t" / "purple").mkdir(parents=True)
@@ -253,3 +255,19 @@ def test_cli_test_folder_with_an_unknown_class_is_refused(colour_folder, tmp_pat
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--test-data" in err and "purple" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_operational_errors_are_one_line_exit_1(tiny_run, tmp_path, capsys):
+    """Input that exists but cannot be read (see aimv2.cli): one line, exit status 1; a training run given as
+    --pretrained is a usage error (exit 2) pointing at --checkpoint."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.safetensors").write_bytes(b"not a safetensors file")
+    for argv, needle in ((["--checkpoint", str(tmp_path / "empty")], "no checkpoint"),
+                         (["--pretrained", str(tmp_path / "weights.safetensors")], "cannot read")):
+        assert main([*argv, *FAST]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"aimv2-probe: error: {argv[0]}") and needle in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert main(["--pretrained", str(tiny_run), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "training run" in err and f"--checkpoint {tiny_run}" in err and len(err.strip().splitlines()) == 1

@@ -1,4 +1,4 @@
-"""Tests of aimv2.sources: tar shards, folders, CSV/JSONL, class folders, colour conversion and transforms.
+"""Tests of aimv2.data's real data: tar shards, folders, CSV/JSONL, class folders, colour conversion, transforms.
 
 Every file is built on the fly in tmp_path with Pillow, from tiny (40x30) images.
 """
@@ -15,8 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aimv2.sources import (
-    _tar_members,
+from aimv2.data import (
     BadSample,
     ClassFolder,
     CSVSource,
@@ -34,6 +33,7 @@ from aimv2.sources import (
     to_rgb,
     to_tensor,
 )
+from aimv2.data.tar_index import _tar_members
 
 W, H = 40, 30
 
@@ -232,13 +232,13 @@ def test_tar_index_cache(shards, tmp_path, monkeypatch):
     modified in the last seconds is not cached; a rewritten shard (even same size, mtime and inode), a torn
     entry and another folder are scanned again; a damaged shard is never cached, so its warning comes on every
     open; an unwritable folder warns once and still works."""
-    import aimv2.sources as sources
+    import aimv2.data.tar_index as tar_index
 
     shards, _ = shards
     cache = tmp_path / "cache"
     scanned = []
-    real_scan = sources._tar_members
-    monkeypatch.setattr(sources, "_tar_members", lambda p: scanned.append(p) or real_scan(p))
+    real_scan = tar_index._tar_members
+    monkeypatch.setattr(tar_index, "_tar_members", lambda p: scanned.append(p) or real_scan(p))
     first = TarShards(shards, index_cache=cache)  # just written: may still be changing, so not stored
     assert scanned == shards and not list(cache.glob("*.npz"))
     for path in shards:
@@ -306,7 +306,7 @@ def test_tar_index_cache(shards, tmp_path, monkeypatch):
     # Unwritable: one warning naming the folder, then the index lives in memory only.
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the cache folder should be")
-    monkeypatch.setattr(sources, "_cache_warned", set())
+    monkeypatch.setattr(tar_index, "_cache_warned", set())
     with pytest.warns(UserWarning, match="cannot write the tar index cache"):
         src = TarShards(shards, index_cache=blocker / "sub")
     assert len(src) == 6

@@ -32,11 +32,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import Normalize, _epoch_seed
+from .decode import BadSample
+from .transforms import Normalize, TrainTransform, fit_and_pad, native_grid
 
-__all__ = ["LoaderBatch", "TrainLoader", "sample_budget_exponent"]
+__all__ = ["Batch", "LoaderBatch", "TrainLoader", "sample_budget_exponent"]
 
 MAX_REPLACEMENTS = 32  # draws before a source with almost nothing readable is declared broken
+
+
+@dataclasses.dataclass
+class Batch:
+    """A collated batch without prefix lengths (the model then draws them): ``images`` float32
+    ``(B, 3, H, W)`` normalized, ``tokens`` int64 ``(B, context_length)`` right-padded, ``labels`` int64
+    ``(B,)`` (-1 when unknown). The trainer takes it as it takes a ``LoaderBatch`` (bench/train_throughput.py
+    feeds it a fixed synthetic one)."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    labels: torch.Tensor
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit torch seed mixed from ``(seed, epoch)``."""
+    lo, hi = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    return (int(hi) & 0x7FFFFFFF) << 32 | int(lo)
 
 
 @dataclasses.dataclass
@@ -91,17 +110,13 @@ class _BatchBuilder(torch.utils.data.Dataset):
         # a tensor source (the bundled shapes) is already at image_size and is not augmented
         sample = self.source[index] if raw is None else raw(index)
         if grid is not None:
-            from .sources import fit_and_pad
             image = fit_and_pad(sample.image, grid, self.patch_size)
         else:
             image = sample.image if raw is None else self.transform(sample.image, rng)
         return image, sample.caption, sample.label
 
     def __getitem__(self, plan: _Plan) -> LoaderBatch:
-        if hasattr(self.source, "raw"):
-            from .sources import BadSample
-        else:
-            BadSample = ()  # noqa: N806 - a tensor source has nothing unreadable: catch nothing
+        unreadable = BadSample if hasattr(self.source, "raw") else ()  # a tensor source: catch nothing
         n = len(self.source)
         images, captions, labels, prefix, skipped = [], [], [], [], []
         if plan.grid is None:
@@ -115,7 +130,7 @@ class _BatchBuilder(torch.utils.data.Dataset):
                 try:
                     image, caption, label = self._image(index, rng, plan.grid)
                     break
-                except BadSample as exc:
+                except unreadable as exc:
                     skipped.append((_key(self.source, index), exc.reason))
                     index = int(np.random.default_rng([self.seed, plan.epoch, index, 1_000_003 + attempt])
                                 .integers(n))
@@ -163,17 +178,17 @@ class TrainLoader:
     """Endless, resumable batches of one rank's share of each global batch (see the module docstring).
 
     Args:
-        source: a map-style source: ``len(source)`` and either ``source.raw(i) -> sources.RawSample`` (real data,
-            decoded and augmented here) or ``source[i] -> data.Sample`` with a float image (the bundled shapes).
+        source: a map-style source: ``len(source)`` and either ``source.raw(i) -> RawSample`` (real data,
+            decoded and augmented here) or ``source[i] -> Sample`` with a float image (the bundled shapes).
         tokenizer: ``tokenizer(list[str]) -> int64 (B, context_length)``.
         global_batch: images per global batch (over all ranks); a multiple of ``world_size``.
         image_size, patch_size: the fixed training resolution and the model's patch size.
         seed: non-negative int; fixes the order, the augmentation and the prefix lengths.
         rank, world_size: this process's share.
         num_workers: DataLoader worker processes (0: build batches in this process).
-        normalize: a ``data.Normalize`` (default ImageNet statistics) or a callable on ``(B, 3, H, W)``.
+        normalize: a ``Normalize`` (default ImageNet statistics) or a callable on ``(B, 3, H, W)``.
         transform: ``transform(pil_image, rng) -> float32 (3, image_size, image_size)`` for sources with
-            ``raw``; default ``sources.TrainTransform(image_size)`` (RandomResizedCrop 0.4-1 bicubic + flip).
+            ``raw``; default ``TrainTransform(image_size)`` (RandomResizedCrop 0.4-1 bicubic + flip).
         native_budgets: ``(lo, hi)`` exponents for native-resolution batches, or None for fixed resolution.
     """
 
@@ -207,7 +222,6 @@ class TrainLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.normalize = Normalize() if normalize is None else normalize
         if transform is None and hasattr(source, "raw") and native_budgets is None:
-            from .sources import TrainTransform
             transform = TrainTransform(image_size)
         self.transform, self.native_budgets = transform, native_budgets
         self._state = {"epoch": 0, "batch": 0, "position": 0}
@@ -225,7 +239,6 @@ class TrainLoader:
     def _global_size_and_grid(self, epoch: int, batch: int) -> tuple[int, tuple[int, int] | None]:
         if self.native_budgets is None:
             return self.global_batch, None
-        from .sources import native_grid
         rng = np.random.default_rng([self.seed, 2, epoch, batch])
         budget = 2 ** sample_budget_exponent(rng, *self.native_budgets)
         patches = self.global_batch * (self.image_size // self.patch_size) ** 2
