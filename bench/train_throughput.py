@@ -26,20 +26,18 @@ a compile that fails gives an error row; the run goes on.
 first of ``--backends``, default ``auto``) under ``torch.profiler``, writes a Chrome trace
 (``OUT/trace-<preset>-<backend>-<device>.json``, or ``--profile-out``; a path ending in ``.gz`` is gzipped)
 and reports the time per step spent in each of patch_mse_loss, prefix_attention and linear_cross_entropy, as
-a share of the step (see :func:`attribute_ops` for exactly what is counted); ``--out DIR`` also writes
-``train_profile-<preset>-<backend>-<device>-<date>.{json,md}``.
+a share of the step; ``--out DIR`` also writes ``train_profile-<preset>-<backend>-<device>-<date>.{json,md}``.
+The profiling itself (what is counted, the trace, the table) is ``bench/train_profile.py``; this script builds
+the Trainer and the batch it profiles.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
-import gzip
 import itertools
 import json
-import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -52,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
+import train_profile  # noqa: E402
 
 from aimv2.config import PRESETS, AIMv2Config  # noqa: E402
 from aimv2_kernels import BACKENDS, available_backends  # noqa: E402
@@ -62,7 +61,6 @@ MATMUL_N = 8192  # the MFU denominator: the measured rate of one bf16 (N, N) @ (
 CPU_DEFAULTS = {"preset": "aimv2-demo", "batch_size": 8, "steps": 5, "warmup": 2}
 CUDA_DEFAULTS = {"preset": "aimv2-large-patch14-224", "batch_size": 128, "steps": 20, "warmup": 5}
 PROFILE_DEFAULTS = {"steps": 3, "warmup": 1}
-RANGE_PREFIX = "train_throughput::"  # record_function names of the profiled steps and op calls
 
 
 # -- model FLOPs --------------------------------------------------------------------------------------------
@@ -400,222 +398,26 @@ def throughput_markdown(rows: list[Row], info: dict) -> str:
             _cell(r.images_per_s, ".1f"), _cell(None if r.tflops is None else r.tflops * scale, ".3g"),
             _cell(None if r.mfu is None else 100 * r.mfu, ".1f") + ("%" if r.mfu is not None else ""),
             _cell(r.peak_mem_mb, ".0f"), _cell(r.warmup_s, ".1f"), error or resolved]) + " |")
-    notes = [n for n in [*info.get("notes", []), _load_line(info)] if n]
+    notes = _notes(info)
     if notes:
         lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
-# -- profile ------------------------------------------------------------------------------------------------
-
-def _op_call_sites() -> dict[str, tuple[object, str]]:
-    """Where the model looks up each op (the module globals that ``aimv2`` calls): op -> (module, name)."""
-    import aimv2.layers
-    import aimv2.model
-
-    sites = {"patch_mse_loss": (aimv2.model, "patch_mse_loss"), "prefix_attention": (aimv2.layers, "prefix_attention"),
-             "linear_cross_entropy": (aimv2.model, "linear_cross_entropy")}
-    for op, (module, name) in sites.items():
-        if not callable(getattr(module, name, None)):
-            raise RuntimeError(f"{module.__name__}.{name} not found: the profile's op attribution must follow "
-                               f"how aimv2 calls {op}")
-    return sites
-
-
-def _graph_nodes(outputs, inputs) -> set[int]:
-    """Sequence numbers of the autograd nodes created by one op call: the nodes reachable from its outputs'
-    ``grad_fn`` that are newer than every input's ``grad_fn`` (nodes are numbered in creation order on the
-    forward thread, and the op can reach older nodes only through its inputs); gradient accumulators
-    (leaves) excluded."""
-    flat = [x for x in (outputs if isinstance(outputs, (tuple, list)) else (outputs,)) if isinstance(x, torch.Tensor)]
-    floor = max((x.grad_fn._sequence_nr() for x in inputs if isinstance(x, torch.Tensor) and x.grad_fn is not None),
-                default=-1)
-    seen: set[int] = set()
-    stack = [x.grad_fn for x in flat if x.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or type(node).__name__ == "AccumulateGrad":
-            continue
-        seq = node._sequence_nr()
-        if seq <= floor or seq in seen:
-            continue
-        seen.add(seq)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return seen
-
-
-@contextlib.contextmanager
-def op_ranges() -> Iterator[dict[str, set[int]]]:
-    """Within the block, each call of the three ops as the model makes it runs inside
-    ``record_function("train_throughput::<op>")``, and the sequence numbers of the autograd nodes it creates
-    are collected in the yielded ``{op: set}`` (their backward shows as
-    ``autograd::engine::evaluate_function: <node>`` events with the same sequence number)."""
-    sites = _op_call_sites()
-    nodes: dict[str, set[int]] = {op: set() for op in sites}
-    originals = {op: getattr(module, name) for op, (module, name) in sites.items()}
-
-    def wrap(op: str, fn):
-        def call(*args, **kwargs):
-            with torch.profiler.record_function(RANGE_PREFIX + op):
-                out = fn(*args, **kwargs)
-            nodes[op] |= _graph_nodes(out, list(args) + list(kwargs.values()))
-            return out
-        return call
-
-    try:
-        for op, (module, name) in sites.items():
-            setattr(module, name, wrap(op, originals[op]))
-        yield nodes
-    finally:
-        for op, (module, name) in sites.items():
-            setattr(module, name, originals[op])
-
-
-def _outermost(events: list) -> list:
-    """The events not inside another of ``events`` on the same thread (so nested ones are not counted twice)."""
-    kept, last_end = [], {}
-    for e in sorted(events, key=lambda e: (e.thread, e.time_range.start, -e.time_range.end)):
-        if e.time_range.end <= last_end.get(e.thread, -math.inf):
-            continue
-        kept.append(e)
-        last_end[e.thread] = max(e.time_range.end, last_end.get(e.thread, -math.inf))
-    return kept
-
-
-def _op_of_kernel_name(name: str) -> str | None:
-    """The op an ``aimv2::`` custom-op event belongs to in this model (cross-entropy rows: the linear one)."""
-    for key, op in (("patch_mse", "patch_mse_loss"), ("prefix_attention", "prefix_attention"),
-                    ("cross_entropy", "linear_cross_entropy")):
-        if key in name:
-            return op
-    return None
-
-
-def attribute_ops(events, nodes: dict[str, set[int]], steps: int, device: torch.device) -> dict:
-    """Time per step of each op and its share of the step, from the profiler's events.
-
-    Counted for an op, per step: ``forward``, the ``train_throughput::<op>`` range around each call (argument
-    checks, reshapes, backend dispatch and the kernels; for the fp32 ``cpu`` linear cross-entropy also its
-    gradients, computed in the forward); ``backward``, the ``autograd::engine::evaluate_function`` events of
-    the autograd nodes that the calls created (matched by sequence number: for the reference every aten op's
-    backward, for the kernel backends the custom op's backward and the small reduction nodes around it).
-    Only the outermost of those events count, so nothing nested is counted twice. ``custom_ops`` is the time
-    in the outermost ``aimv2::`` custom-op events (by name, as in ``key_averages()``): the kernels without the
-    Python around them; none exist for the reference. On CPU the times are host wall times; on CUDA the GPU
-    time of the kernels that the events launched. The step time is the host wall time of the
-    ``train_throughput::step`` ranges (each ends with the Trainer's ``.item()`` reads, a device sync).
-    """
-    events = list(events)
-    cuda = device.type == "cuda"
-
-    def duration(e) -> float:  # microseconds
-        return float(e.device_time_total) if cuda else float(e.time_range.elapsed_us())
-
-    host_only = [e for e in events if getattr(e, "device_type", None) is None
-                 or str(e.device_type).endswith("CPU")]
-    steps_us = [e.time_range.elapsed_us() for e in host_only if e.name == RANGE_PREFIX + "step"]
-    if len(steps_us) != steps:
-        raise RuntimeError(f"expected {steps} profiled steps, found {len(steps_us)} step ranges")
-    step_ms = sum(steps_us) / 1e3 / steps
-    backward_events = [e for e in host_only if e.name.startswith("autograd::engine::evaluate_function:")]
-    kernel_events = [e for e in host_only if e.name.startswith("aimv2::")]
-    outer_kernels = []
-    for e in kernel_events:
-        parent, nested = e.cpu_parent, False
-        while parent is not None:
-            if parent.name.startswith("aimv2::"):
-                nested = True
-                break
-            parent = parent.cpu_parent
-        if not nested:
-            outer_kernels.append(e)
-    rows = {}
-    for op in OPS:
-        fwd = _outermost([e for e in host_only if e.name == RANGE_PREFIX + op])
-        bwd = _outermost([e for e in backward_events if e.sequence_nr in nodes.get(op, set())])
-        kern = [e for e in outer_kernels if _op_of_kernel_name(e.name) == op]
-        f_ms = sum(duration(e) for e in fwd) / 1e3 / steps
-        b_ms = sum(duration(e) for e in bwd) / 1e3 / steps
-        rows[op] = {"calls_per_step": len(fwd) / steps, "forward_ms": f_ms, "backward_ms": b_ms,
-                    "total_ms": f_ms + b_ms, "share_pct": 100 * (f_ms + b_ms) / step_ms,
-                    "custom_ops_ms": sum(duration(e) for e in kern) / 1e3 / steps if kern else None,
-                    "backward_nodes_per_step": len(bwd) / steps}
-    optimizer = [e for e in host_only if e.name.startswith("Optimizer.step#")]
-    opt_ms = sum(duration(e) for e in _outermost(optimizer)) / 1e3 / steps if optimizer else None
-    ops_ms = sum(r["total_ms"] for r in rows.values())
-    return {"step_ms": step_ms, "ops": rows, "ops_total_ms": ops_ms, "ops_share_pct": 100 * ops_ms / step_ms,
-            "optimizer_ms": opt_ms, "time_base": "GPU kernel time" if cuda else "host wall time"}
-
+# -- profile (bench/train_profile.py) -------------------------------------------------------------------------
 
 def run_profile(args, device: torch.device, backend: str) -> dict:
-    """Profile ``args.warmup`` + ``args.steps`` eager steps of ``backend``; write the trace; return the shares."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
+    """Profile ``args.warmup`` + ``args.steps`` eager steps of ``backend`` (:func:`train_profile.profile_steps`);
+    write the trace; return the op shares with the backend and what it resolves to."""
     batch = synthetic_batch(AIMv2Config.from_name(args.preset), args.batch_size, device)
     trainer = make_trainer(args.preset, backend, device, batch, args.warmup + args.steps, compile_model=False)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     print(f"profile: {args.preset}, batch {args.batch_size}, backend {backend}, {args.warmup} warm-up + "
           f"{args.steps} profiled step(s)", file=sys.stderr, flush=True)
-    with op_ranges() as nodes:
-        for _ in range(args.warmup):
-            trainer.train_step()
-        _sync(device)
-        for op in nodes:
-            nodes[op].clear()
-        with profile(activities=activities) as prof:
-            for i in range(args.steps):
-                with record_function(RANGE_PREFIX + "step"):
-                    trainer.train_step()
-                    _sync(device)
-                print(f"profile: step {i + 1}/{args.steps}", file=sys.stderr, flush=True)
     trace = Path(args.profile_out) if args.profile_out else (
         Path(args.out or ".") / f"trace-{args.preset}-{backend}-{device.type}.json")
-    trace.parent.mkdir(parents=True, exist_ok=True)
-    if trace.suffix == ".gz":
-        raw = trace.with_suffix("")
-        prof.export_chrome_trace(str(raw))
-        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        raw.unlink()
-    else:
-        prof.export_chrome_trace(str(trace))
-    shares = attribute_ops(prof.events(), nodes, args.steps, device)
-    shares.update(backend=backend, resolved=resolved_backends(backend, device), trace=str(trace),
-                  trace_mb=trace.stat().st_size / 2**20)
+    shares = train_profile.profile_steps(trainer.train_step, device, args.warmup, args.steps, trace)
+    shares.update(backend=backend, resolved=resolved_backends(backend, device))
     return shares
-
-
-def profile_markdown(result: dict, info: dict) -> str:
-    env = info["environment"]
-    lines = [f"# Op shares of a training step: {info['preset']}, batch {info['batch_size']}, "
-             f"backend {result['backend']}, {info['device']}", "",
-             f"{env.get('device_name')} · " + (f"{env['threads']} threads · " if env.get("threads") else "")
-             + f"torch {env.get('torch')} · {env.get('date')} · resolved: "
-             + ", ".join(f"{op}={b}" for op, b in result["resolved"].items()), "",
-             f"{info['warmup']} warm-up step(s), then {info['steps']} eager step(s) under torch.profiler; "
-             f"per step, {result['time_base']}. Step (profiled): {result['step_ms']:.1f} ms.", "",
-             "| op | calls/step | forward ms | backward ms | total ms | share of step | in aimv2:: custom ops ms |",
-             "|---|---|---|---|---|---|---|"]
-    for op, r in result["ops"].items():
-        lines.append(f"| {op} | {r['calls_per_step']:.0f} | {r['forward_ms']:.2f} | {r['backward_ms']:.2f} | "
-                     f"{r['total_ms']:.2f} | {r['share_pct']:.1f}% | {_cell(r['custom_ops_ms'], '.2f') or '—'} |")
-    lines.append(f"| **the three ops** | | | | {result['ops_total_ms']:.2f} | {result['ops_share_pct']:.1f}% | |")
-    if result.get("optimizer_ms") is not None:
-        lines.append(f"| AdamW step (for scale) | | | | {result['optimizer_ms']:.2f} | "
-                     f"{100 * result['optimizer_ms'] / result['step_ms']:.1f}% | |")
-    lines += ["", "What is counted: forward = the record_function range around each call of the op as the model "
-              "makes it (argument checks, reshapes, dispatch, kernels); backward = the autograd-engine events of "
-              "the autograd nodes that those calls created, matched by sequence number (for the reference, the "
-              "backward of each of its aten ops). Only outermost events count, so nested events are not counted "
-              "twice. The fp32 `cpu` linear_cross_entropy computes its gradients in its forward; its backward "
-              "only scales them. \"in aimv2:: custom ops\" = the outermost `aimv2::` custom-op events, i.e. the "
-              "kernels without the Python around them (none for the reference). Profiling adds overhead per "
-              "event, more for the reference (many small aten ops) than for the fused kernels.",
-              "", f"Trace: `{Path(result['trace']).name}` ({result['trace_mb']:.1f} MB)."]
-    notes = [n for n in [*info.get("notes", []), _load_line(info)] if n]
-    if notes:
-        lines += [""] + [f"- {note}" for note in notes]
-    return "\n".join(lines) + "\n"
 
 
 # -- command line ---------------------------------------------------------------------------------------------
@@ -723,7 +525,7 @@ def _run(args, device: torch.device) -> int:
             info["notes"].append("--modes compile ignored: --profile profiles eager steps only")
         result = run_profile(args, device, backends[0])
         info.update(profile=result, load_average_end=_load_average())
-        text = profile_markdown(result, info)
+        text = train_profile.profile_markdown(result, info, _notes(info))
         print(text)
         if out is not None:
             stem = f"train_profile-{args.preset}-{backends[0]}-{device.type}-{env['date']}"
@@ -753,9 +555,11 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def _load_line(info: dict) -> str:
+def _notes(info: dict) -> list[str]:
+    """The outputs' closing bullets: the run's notes, then the load averages at its start and end."""
     start, end = info.get("load_average_start"), info.get("load_average_end")
-    return f"Load average (1, 5, 15 min) at start {start}, at end {end}." if start or end else ""
+    load = f"Load average (1, 5, 15 min) at start {start}, at end {end}." if start or end else ""
+    return [n for n in [*info.get("notes", []), load] if n]
 
 
 def _write(out: Path, stem: str, info: dict, text: str) -> None:

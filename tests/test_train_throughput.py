@@ -1,5 +1,6 @@
-"""bench/train_throughput.py: the model FLOP count, the backend selection, the throughput run, the profile and
-the flag checks (aimv2-tiny on the CPU; no timing assertions)."""
+"""bench/train_throughput.py and bench/train_profile.py: the model FLOP count, the backend selection, the
+throughput run, the profile (``--profile``) and the flag checks (aimv2-tiny on the CPU; no timing assertions)."""
+import gzip
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ SPEC = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench"
 tt = importlib.util.module_from_spec(SPEC)
 sys.modules["train_throughput"] = tt
 SPEC.loader.exec_module(tt)
+import train_profile  # noqa: E402  (bench/ is on sys.path once train_throughput is loaded)
 
 CPU = torch.device("cpu")
 KERNEL_BACKENDS = ["cpu"] if extension_available() else []
@@ -127,6 +129,18 @@ def test_profile_writes_a_trace_and_op_shares(tmp_path, backend):
     assert 0 <= result["ops_share_pct"] <= 100
     md = json_path.with_suffix(".md").read_text()
     assert all(f"| {op} |" in md for op in tt.OPS)
+
+
+def test_trace_is_gzipped_when_its_path_ends_in_gz(tmp_path):
+    """``--profile-out trace.json.gz`` (bench/gpu_check.sh): the Chrome trace is written gzipped, no raw copy."""
+    class Prof:
+        def export_chrome_trace(self, path):
+            Path(path).write_text('{"traceEvents": [1]}')
+
+    trace = tmp_path / "sub" / "trace.json.gz"
+    train_profile.write_trace(Prof(), trace)
+    assert json.loads(gzip.decompress(trace.read_bytes())) == {"traceEvents": [1]}
+    assert sorted(p.name for p in trace.parent.iterdir()) == ["trace.json.gz"]
 
 
 @pytest.mark.parametrize("argv, flag", [
