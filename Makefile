@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= runs/demo
 DEMO_STEPS ?= 160
 
-.PHONY: demo test install venv clean bench bench-quick cuda-check triton-check gpu-dry-run compat gpu-wheels bench-cpu
+.PHONY: demo test lint install venv clean bench bench-quick cuda-check triton-check gpu-dry-run compat gpu-wheels bench-cpu
 
 $(PY):
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -47,12 +47,20 @@ cuda-check: install
 triton-check: install
 	$(PY) tools/triton_compile_check.py --archs 90a,80
 
+# ruff with the rules of pyproject.toml ([tool.ruff]), then the public functions' type hints
+# (tools/check_type_hints.py); .ci/run runs it before the tests. Installs the pinned ruff into the venv (no build).
+RUFF_VERSION ?= 0.17.6
+lint: venv
+	@$(PY) -m ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || $(PIP) install -q "ruff==$(RUFF_VERSION)"
+	$(PY) -m ruff check .
+	$(PY) tools/check_type_hints.py
+
 # bench/gpu_check.sh on the CPU at tiny sizes, with the real run's commands and flags (see its header).
 gpu-dry-run: install
 	PYTHON=$(abspath $(PY)) bash bench/gpu_check.sh --dry-run runs/gpu-dry-run
 
 test: install cuda-check triton-check
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q --durations=20; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 	$(MAKE) --no-print-directory gpu-dry-run
 
 # The GPU machine's versions (Python 3.12, torch 2.11.0 CUDA build, triton 3.6.0, transformers 5.17.0) in

@@ -1,5 +1,5 @@
 """aimv2: a thin, faithful PyTorch model of AIMv2 (encoder + causal multimodal decoder) built on aimv2_kernels."""
-from .config import AIMv2Config, DecoderConfig, EncoderConfig, PRESETS
+from .config import PRESETS, AIMv2Config, DecoderConfig, EncoderConfig
 from .model import AIMv2, AIMv2Decoder, AIMv2Encoder, AIMv2Output, count_parameters
 
 __all__ = ["AIMv2Config", "EncoderConfig", "DecoderConfig", "PRESETS", "AIMv2", "AIMv2Encoder",

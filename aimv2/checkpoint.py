@@ -20,10 +20,15 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .config import AIMv2Config
+    from .model import AIMv2Encoder
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 DCP_DIR, STATE_FILE = "dcp", "state.pt"
@@ -225,7 +230,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return state
 
 
-def load_trained_encoder(path: str | Path, *, backend: str = "auto", preset: str | None = None):
+def load_trained_encoder(path: str | Path, *, backend: str = "auto",
+                         preset: str | None = None) -> tuple[AIMv2Encoder, AIMv2Config]:
     """The trained encoder of a training checkpoint, in eval mode on the CPU (released weights:
     :func:`aimv2.pretrained.load_pretrained_encoder`).
 

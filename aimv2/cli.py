@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 
@@ -44,7 +45,7 @@ OPERATIONAL_ERRORS = (OperationalError, CheckpointError)
 class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are one line (``PROG: error: MESSAGE``) and exit status 2."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -71,7 +72,7 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else repr(exc)
 
 
-def run_main(prog: str, body: Callable[..., int], *args, **kwargs) -> int:
+def run_main(prog: str, body: Callable[..., int], *args: Any, **kwargs: Any) -> int:
     """``body(*args, **kwargs)`` under the error policy: its exit status, or 2 after a usage error and 1 after
     an operational error, each printed as ``PROG: error: MESSAGE`` on stderr. Other exceptions propagate."""
     try:

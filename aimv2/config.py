@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def swiglu_hidden(dim: int) -> int:
@@ -82,7 +83,7 @@ class AIMv2Config:
     peak_lr: float = 1e-3  # recipe value for this size (paper Table A1)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "AIMv2Config":
+    def from_name(cls, name: str, **overrides: Any) -> "AIMv2Config":
         """A preset by name (see :data:`PRESETS`); keyword overrides replace top-level fields."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")

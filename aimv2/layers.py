@@ -79,7 +79,8 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
 
 
-def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, *, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding ``(grid_h * grid_w, dim)`` of AIMv2's native-resolution model.
 
     Channels ``[0, D/2)`` encode the column index as ``[sin(x w), cos(x w)]`` and ``[D/2, D)`` the row index,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 
 import torch
 
@@ -191,7 +192,7 @@ class WeightsError(ValueError):
 # Layout detection and the checkpoint's shape
 # ---------------------------------------------------------------------------------------------------------
 
-def detect_layout(keys) -> str:
+def detect_layout(keys: Collection[str]) -> str:
     """``"hf"``, ``"apple"`` or ``"timm"`` from a state dict's keys (tower prefixes already removed).
 
     The layout whose characteristic key prefixes most keys carry; WeightsError (a ValueError) when none does.

@@ -1,6 +1,7 @@
 """The AIMv2 encoder (with the released checkpoints' module names), the causal multimodal decoder and the loss."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,8 @@ class AIMv2Encoder(nn.Module):
         self.preprocessor.init_weights()
 
     @classmethod
-    def from_pretrained(cls, path, *, image_size: int | None = None, backend: str = "auto", config=None,
+    def from_pretrained(cls, path: str | os.PathLike[str], *, image_size: int | None = None, backend: str = "auto",
+                        config: str | AIMv2Config | EncoderConfig | None = None,
                         drop_head: bool = False) -> "AIMv2Encoder":
         """Load released weights from a folder (``config.json`` + ``model.safetensors``) in transformers'
         ``Aimv2VisionModel`` layout, Apple's original layout or timm's, or a bare weights file: the encoder in

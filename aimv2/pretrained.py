@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .config import AIMv2Config, EncoderConfig
 from .layouts import LAYOUTS, WeightsError, _check_layout, config_json, detect_layout, from_layout, to_layout
 from .model import AIMv2Encoder
 from .weights import CheckpointMismatchError, ConfigMismatchError, is_training_run, read_pretrained
@@ -26,7 +27,8 @@ __all__ = ["LAYOUTS", "CheckpointMismatchError", "ConfigMismatchError", "Weights
            "save_encoder", "detect_layout", "to_layout", "from_layout", "is_training_run", "read_pretrained"]
 
 
-def load_pretrained_encoder(path, *, image_size: int | None = None, backend: str = "auto", config=None,
+def load_pretrained_encoder(path: str | os.PathLike[str], *, image_size: int | None = None, backend: str = "auto",
+                            config: str | AIMv2Config | EncoderConfig | None = None,
                             drop_head: bool = False) -> AIMv2Encoder:
     """Load released (or exported) AIMv2 weights into an :class:`AIMv2Encoder` (eval mode, fp32, CPU).
 
@@ -62,7 +64,7 @@ def load_pretrained_encoder(path, *, image_size: int | None = None, backend: str
                                         drop_head=drop_head)
 
 
-def save_encoder(encoder: AIMv2Encoder, path, layout: str = "hf") -> Path:
+def save_encoder(encoder: AIMv2Encoder, path: str | os.PathLike[str], layout: str = "hf") -> Path:
     """Write ``encoder`` as ``path/config.json`` + ``path/model.safetensors`` in ``layout``.
 
     ``"hf"`` is loadable by ``transformers.Aimv2VisionModel.from_pretrained(path)`` (``use_head=False``,

@@ -21,6 +21,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from torch import nn
 from ._extras import require
 from .cli import UsageError
 from .data import NORMALIZATIONS
+
+if TYPE_CHECKING:
+    from .config import AIMv2Config, EncoderConfig
 
 PROBE_HEAD_DIM = 128
 
@@ -113,6 +117,15 @@ def probe_forward(probe: AttentionPoolingClassifier, features: torch.Tensor) -> 
 # --------------------------------------------------------------------------------------------------------
 # Labelled images
 # --------------------------------------------------------------------------------------------------------
+
+class _LabelledItems(Protocol):
+    """What the probe reads images from: ``len(items)`` and ``items[i] -> (image (3, S, S), label)``
+    (:class:`LabelledImages`, :class:`SourceImages`, :class:`FolderImages`, or a plain list of pairs)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]: ...
+
 
 class ProbeUsageError(UsageError):
     """Bad input to the probe (a flag, a path, a preset; a ValueError); the CLI prints it as one line and exits
@@ -251,9 +264,11 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def extract_features(encoders: nn.Module | Mapping[str, nn.Module], data, *, normalize="imagenet",
-                     batch_size: int = 64, feature_dtype: torch.dtype = torch.float32, progress: bool | None = None,
-                     desc: str = "features"):
+def extract_features(encoders: nn.Module | Mapping[str, nn.Module],
+                     data: tuple[torch.Tensor, torch.Tensor] | _LabelledItems, *,
+                     normalize: str | Callable[[torch.Tensor], torch.Tensor] = "imagenet", batch_size: int = 64,
+                     feature_dtype: torch.dtype = torch.float32, progress: bool | None = None,
+                     desc: str = "features") -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor, int]:
     """Last-layer features of every image, batched, in eval mode without grad (bidirectional attention).
 
     Args:
@@ -462,10 +477,12 @@ def _stratified_split(labels: torch.Tensor, test_fraction: float, seed: int) -> 
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def run_probes(encoders: Mapping[str, nn.Module], train, test=None, *, num_classes: int | None = None,
-               test_fraction: float = 0.2, normalize="imagenet", settings: ProbeSettings | None = None,
-               seed: int = 0, extract_batch_size: int = 64, feature_dtype: torch.dtype = torch.float32,
-               progress: bool | None = None) -> dict[str, dict]:
+def run_probes(encoders: Mapping[str, nn.Module], train: tuple[torch.Tensor, torch.Tensor] | _LabelledItems,
+               test: tuple[torch.Tensor, torch.Tensor] | _LabelledItems | None = None, *,
+               num_classes: int | None = None, test_fraction: float = 0.2,
+               normalize: str | Callable[[torch.Tensor], torch.Tensor] = "imagenet",
+               settings: ProbeSettings | None = None, seed: int = 0, extract_batch_size: int = 64,
+               feature_dtype: torch.dtype = torch.float32, progress: bool | None = None) -> dict[str, dict]:
     """:func:`run_probe` for several trunks on the same images and with the same probe settings and seed
     (each image is read and normalized once, then fed to every trunk). Returns name -> the result dict of
     :func:`run_probe`; its ``extract_s`` is the extraction time divided evenly among the trunks."""
@@ -517,7 +534,8 @@ def run_probes(encoders: Mapping[str, nn.Module], train, test=None, *, num_class
     return results
 
 
-def run_probe(encoder: nn.Module, train, test=None, **kwargs) -> dict:
+def run_probe(encoder: nn.Module, train: tuple[torch.Tensor, torch.Tensor] | _LabelledItems,
+              test: tuple[torch.Tensor, torch.Tensor] | _LabelledItems | None = None, **kwargs: Any) -> dict:
     """Frozen-trunk attentive probe: top-1 of ``encoder``'s last-layer features on labelled images.
 
     Args:
@@ -548,7 +566,7 @@ def run_probe(encoder: nn.Module, train, test=None, **kwargs) -> dict:
 # Trunks
 # --------------------------------------------------------------------------------------------------------
 
-def random_encoder(config, *, seed: int = 0, backend: str = "auto") -> nn.Module:
+def random_encoder(config: str | AIMv2Config | EncoderConfig, *, seed: int = 0, backend: str = "auto") -> nn.Module:
     """A randomly initialised trunk, in eval mode on the CPU (the baseline of the probe).
 
     ``config``: a preset name or an ``AIMv2Config``: the encoder of ``AIMv2(config)`` built under

@@ -17,8 +17,15 @@ from torch import nn
 
 from .cli import OperationalError, Parser, one_line, resolve_device, run_main
 from .data import NORMALIZATIONS
-from .probe import (FolderImages, ProbeDataError, ProbeSettings, ProbeUsageError, heldout_shapes, random_encoder,
-                    run_probes)
+from .probe import (
+    FolderImages,
+    ProbeDataError,
+    ProbeSettings,
+    ProbeUsageError,
+    heldout_shapes,
+    random_encoder,
+    run_probes,
+)
 
 PROG = "aimv2-probe"
 

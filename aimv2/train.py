@@ -32,7 +32,6 @@ from .data import NORMALIZATIONS
 from .model import AIMv2
 
 
-
 @dataclass
 class TrainConfig:
     """One training run. ``None`` fields take the preset's recipe value."""
@@ -179,8 +178,8 @@ class Trainer:
         workers = cfg.workers if cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
         self.loader = TrainLoader(source, self.tokenizer, cfg.batch_size, image_size=enc.image_size,
                                   patch_size=enc.patch_size, seed=cfg.seed, rank=self.rank,
-                                  world_size=self.world_size, num_workers=workers, normalize=Normalize(*NORMALIZATIONS[cfg.normalize]),
-                                  transform=transform,
+                                  world_size=self.world_size, num_workers=workers,
+                                  normalize=Normalize(*NORMALIZATIONS[cfg.normalize]), transform=transform,
                                   native_budgets=tuple(cfg.native_budgets) if cfg.native_resolution else None)
         self.batches = self.loader
         torch.manual_seed(cfg.seed)

@@ -21,8 +21,20 @@ import torch
 
 from .config import PRESETS, AIMv2Config, EncoderConfig
 from .layers import resize_pos_embed
-from .layouts import (_CONV_BIAS, _HEAD_DIM, _POS, _SHAPE_KEYS, WeightsError, _meta_state, _spec_from_json,
-                      _spec_from_shapes, _split_towers, detect_layout, from_layout, to_layout)
+from .layouts import (
+    _CONV_BIAS,
+    _HEAD_DIM,
+    _POS,
+    _SHAPE_KEYS,
+    WeightsError,
+    _meta_state,
+    _spec_from_json,
+    _spec_from_shapes,
+    _split_towers,
+    detect_layout,
+    from_layout,
+    to_layout,
+)
 
 __all__ = ["WeightsError", "CheckpointMismatchError", "ConfigMismatchError", "read_pretrained", "is_training_run",
            "WEIGHT_FILES"]
@@ -130,7 +142,7 @@ def _read_json(file: Path) -> dict:
 _STEP_DIR = re.compile(r"step_\d+")
 
 
-def is_training_run(path) -> bool:
+def is_training_run(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is the output of ``aimv2-train`` rather than released weights: a run folder (with
     ``checkpoints/step_*``), its ``checkpoints`` folder, one ``step_*`` checkpoint, or a checkpoint's
     ``state.pt``. Load those with :func:`aimv2.checkpoint.load_trained_encoder`."""
@@ -227,7 +239,8 @@ def _check_keys(sd: dict[str, torch.Tensor], cfg: EncoderConfig, layout: str, so
 # Reading released weights
 # ---------------------------------------------------------------------------------------------------------
 
-def read_pretrained(path, *, image_size: int | None = None, config=None,
+def read_pretrained(path: str | os.PathLike[str], *, image_size: int | None = None,
+                    config: str | AIMv2Config | EncoderConfig | None = None,
                     drop_head: bool = False) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
     """The encoder shape and the fp32 tensors (under our keys) of released weights, checked strictly.
 

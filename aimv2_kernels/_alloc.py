@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -11,7 +12,7 @@ def poison_enabled() -> bool:
     return os.environ.get("AIMV2_POISON_OUTPUTS", "0") == "1"
 
 
-def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def new_output(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty`` for launchers; NaN-filled (``-1`` for integer dtypes) under ``AIMV2_POISON_OUTPUTS=1``.
 
     Every launcher allocates the tensors its kernels write through this function, so the test suite (which

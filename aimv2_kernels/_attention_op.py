@@ -12,7 +12,8 @@ BackwardLauncher = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def define_attention_ops(name: str, forward: ForwardLauncher, backward: BackwardLauncher,
-                         device_types: Union[str, Sequence[str], None] = None):
+                         device_types: Union[str, Sequence[str], None] = None,
+                         ) -> Tuple[torch.library.CustomOpDef, torch.library.CustomOpDef]:
     """Register ``aimv2::<name>`` (forward, returns ``(out, lse)``) and ``aimv2::<name>_backward`` with fake
     implementations and autograd: ``out`` is differentiable w.r.t. q, k and v; ``lse`` is not. The backward
     recomputes the probabilities from the saved ``lse`` (whatever base the launchers agree on).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import types
 from typing import Callable
 
 import torch
@@ -97,7 +98,7 @@ class BackendUnavailableError(RuntimeError):
 _extension_missing = False  # remembered, so a missing extension costs one failed import, not one per call
 
 
-def load_extension():
+def load_extension() -> types.ModuleType | None:
     """Import ``aimv2_kernels._C`` (registers the ``torch.ops.aimv2`` ops); return None if it is not built."""
     global _extension_missing
     if _extension_missing:
@@ -116,7 +117,7 @@ def extension_available() -> bool:
 
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (imported only to learn whether it is installed)
     except ImportError:
         return False
     return True

@@ -57,7 +57,8 @@ GradLauncher = Callable[..., torch.Tensor]
 
 
 def define_cross_entropy_ops(name: str, forward: RowsLauncher, gradient: GradLauncher, lse_dtype: torch.dtype,
-                             device_types: Union[str, Sequence[str], None] = None):
+                             device_types: Union[str, Sequence[str], None] = None,
+                             ) -> Tuple[torch.library.CustomOpDef, torch.library.CustomOpDef]:
     """Register ``aimv2::<name>`` (``(loss, lse)`` of ``(N, V)`` logits and ``(N,)`` targets) and
     ``aimv2::<name>_backward`` with fake implementations and autograd. Returns ``(op, backward_op)``.
 
@@ -107,8 +108,9 @@ def define_cross_entropy_ops(name: str, forward: RowsLauncher, gradient: GradLau
     return op, backward_op
 
 
-def flat_cross_entropy(op, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
-                       z_loss: float, reduction: str) -> torch.Tensor:
+def flat_cross_entropy(op: Callable[..., Tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor,
+                       targets: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                       reduction: str) -> torch.Tensor:
     """Apply ``op`` (from :func:`define_cross_entropy_ops`) to ``(..., V)`` logits; "none" keeps targets' shape."""
     v = logits.shape[-1]
     loss, _ = op(logits.reshape(-1, v), targets.reshape(-1), ignore_index, float(label_smoothing), float(z_loss),

@@ -39,7 +39,7 @@ def run_chunks(rows: RowKernel, hidden: torch.Tensor, weight: torch.Tensor, targ
                bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float, chunk: int,
                needs: Tuple[bool, bool, bool], *, loss_rows: Optional[torch.Tensor] = None,
                lse: Optional[torch.Tensor] = None, saved_lse: Optional[torch.Tensor] = None,
-               scale: Optional[torch.Tensor] = None):
+               scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each chunk of ``chunk`` tokens: logits = hidden @ weight.T (+ bias) in the input dtype (as
     ``F.linear`` rounds them); ``rows`` writes the loss rows / lse and overwrites the logits with their gradient;
     the gradient matmuls accumulate the parameter gradients (no autograd).
@@ -112,7 +112,9 @@ def _fake_grads(hidden, weight, bias, grad_hidden, grad_weight, grad_bias, param
 # for low-precision inputs (four matmuls of the logits' size instead of three) and a (chunk, V) fp32 copy of
 # each chunk's gradient; fp32 needs neither, so it keeps the forward-pass gradients.
 def define_linear_cross_entropy_ops(name: str, rows: RowKernel, lse_dtype: torch.dtype,
-                                    device_types: Union[str, Sequence[str], None] = None):
+                                    device_types: Union[str, Sequence[str], None] = None,
+                                    ) -> Tuple[torch.library.CustomOpDef, torch.library.CustomOpDef,
+                                               Callable[..., torch.Tensor]]:
     """Register ``aimv2::<name>`` and ``aimv2::<name>_backward`` (with fake implementations and autograd) over the
     row kernel ``rows``, whose log-sum-exp comes in ``lse_dtype``. Returns ``(op, backward_op, apply)``, where
     ``apply(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction, chunk)`` is the

@@ -1,7 +1,7 @@
 """The custom-op pair every compiled backend of ``patch_mse_loss`` registers around its launcher."""
 # No ``from __future__ import annotations``: torch.library.custom_op infers the ops' schemas from the
 # annotations of the decorated functions.
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -10,7 +10,8 @@ import torch
 Launcher = Callable[..., torch.Tensor]
 
 
-def define_patch_rows_ops(name: str, launch: Launcher, device_types: Optional[str] = None):
+def define_patch_rows_ops(name: str, launch: Launcher, device_types: Optional[str] = None,
+                          ) -> Tuple[torch.library.CustomOpDef, torch.library.CustomOpDef]:
     """Register ``aimv2::<name>`` (per-row loss) and ``aimv2::<name>_backward`` with fake and autograd.
 
     Returns ``(rows_op, backward_op)``. ``rows_op(pred, images, patch_size, prefix_lens, target_offset, eps)``

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 
 import torch
 
@@ -19,8 +20,8 @@ def _values_checkable() -> bool:
     return not torch.compiler.is_compiling() and os.environ.get("AIMV2_CHECK_VALUES", "1") != "0"
 
 
-def check_tensor(name: str, x, *, ndim: int | None = None, min_ndim: int | None = None,
-                 dtypes=FLOAT_DTYPES) -> None:
+def check_tensor(name: str, x: object, *, ndim: int | None = None, min_ndim: int | None = None,
+                 dtypes: Collection[torch.dtype] | None = FLOAT_DTYPES) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if dtypes is not None and x.dtype not in dtypes:
@@ -39,19 +40,19 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, *, 
         raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
 
 
-def check_integer(name: str, x) -> None:
+def check_integer(name: str, x: object) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
 
 
-def check_reduction(reduction) -> None:
+def check_reduction(reduction: object) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_prefix_lens(prefix_lens, batch: int, upper: int, device: torch.device) -> None:
+def check_prefix_lens(prefix_lens: torch.Tensor | None, batch: int, upper: int, device: torch.device) -> None:
     """``prefix_lens`` is None or an integer tensor ``(batch,)`` with values in ``[0, upper]``."""
     if prefix_lens is None:
         return
@@ -66,7 +67,8 @@ def check_prefix_lens(prefix_lens, batch: int, upper: int, device: torch.device)
             raise ValueError(f"prefix_lens must lie in [0, {upper}], got values in [{lo}, {hi}]")
 
 
-def check_targets(targets, shape: torch.Size, num_classes: int, ignore_index: int, device) -> None:
+def check_targets(targets: torch.Tensor, shape: torch.Size, num_classes: int, ignore_index: int,
+                  device: torch.device) -> None:
     check_integer("targets", targets)
     if targets.shape != shape:
         raise ValueError(f"targets must have shape {tuple(shape)}, got {tuple(targets.shape)}")

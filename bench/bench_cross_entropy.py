@@ -21,9 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402
-import aimv2_kernels as K  # noqa: E402
-from aimv2_kernels.reference import cross_entropy_reference  # noqa: E402
+import harness
+
+import aimv2_kernels as K
+from aimv2_kernels.reference import cross_entropy_reference
 
 OP = "cross_entropy"
 CAPTION_TOKENS = 77
@@ -91,7 +92,7 @@ def setup(config: Config, provider: str, mode: str = "fwd+bwd", device: torch.de
     elif provider == "apex-xentropy":
         from apex.contrib.xentropy import SoftmaxCrossEntropyLoss
         # (logits, labels, smoothing, padding_idx, half_to_float): per-row losses; no row is padding here.
-        fn = lambda x, t: SoftmaxCrossEntropyLoss.apply(x, t, 0.0, -100, x.dtype != torch.float32).mean()  # noqa: E731
+        fn = lambda x, t: SoftmaxCrossEntropyLoss.apply(x, t, 0.0, -100, x.dtype != torch.float32).mean()
     elif provider == "liger":
         from liger_kernel.transformers import LigerCrossEntropyLoss
         fn = LigerCrossEntropyLoss()

@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402
-import aimv2_kernels as K  # noqa: E402
-from aimv2_kernels.reference import linear_cross_entropy_reference  # noqa: E402
+import harness
+
+import aimv2_kernels as K
+from aimv2_kernels.reference import linear_cross_entropy_reference
 
 OP = "linear_cross_entropy"
 CAPTION_TOKENS = 77
@@ -100,7 +101,7 @@ def setup(config: Config, provider: str, mode: str = "fwd+bwd", device: torch.de
     elif provider == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss()
-        fn = lambda h, w, t: liger(w, h, t)  # noqa: E731
+        fn = lambda h, w, t: liger(w, h, t)
     elif provider in ("cut-cross-entropy", "cce-torch_compile"):
         from cut_cross_entropy import linear_cross_entropy as cce
         fn = functools.partial(cce, impl="torch_compile") if provider == "cce-torch_compile" else cce

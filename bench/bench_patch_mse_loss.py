@@ -18,9 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402
-import aimv2_kernels as K  # noqa: E402
-from aimv2_kernels.reference import patch_mse_loss_reference  # noqa: E402
+import harness
+
+import aimv2_kernels as K
+from aimv2_kernels.reference import patch_mse_loss_reference
 
 OP = "patch_mse_loss"
 PEERS: dict[str, str] = {}

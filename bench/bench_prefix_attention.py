@@ -31,9 +31,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402
-import aimv2_kernels as K  # noqa: E402
-from aimv2_kernels.reference import prefix_attention_reference, prefix_mask  # noqa: E402
+import harness
+
+import aimv2_kernels as K
+from aimv2_kernels.reference import prefix_attention_reference, prefix_mask
 
 OP = "prefix_attention"
 SWEEP = "S (random prefixes, constant tokens per call)"
@@ -184,19 +185,19 @@ def setup(config: Config, provider: str, mode: str = "fwd+bwd", device: torch.de
         q, k, v = (torch.randn(c.batch, c.seq, c.heads, c.head_dim, device=device, dtype=c.dtype,
                                requires_grad=True) for _ in range(3))
         if lens is None:
-            loss = lambda: flash_attn_func(q, k, v, causal=True).float().sum()  # noqa: E731
+            loss = lambda: flash_attn_func(q, k, v, causal=True).float().sum()
         else:
             attend = _flash_attn_two_calls(q, k, v, lens, c.seq)
-            loss = lambda: attend().float().sum()  # noqa: E731
+            loss = lambda: attend().float().sum()
         return harness.make_step(loss, [q, k, v], mode)
     shape = (c.batch, c.heads, c.seq, c.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=c.dtype, requires_grad=True) for _ in range(3))
     if provider == "reference-compiled":
         ref = harness.compiled(prefix_attention_reference)
-        loss = lambda: ref(q, k, v, lens).float().sum()  # noqa: E731
+        loss = lambda: ref(q, k, v, lens).float().sum()
     elif provider == "sdpa-dense-mask":
         mask = prefix_mask(lens, c.batch, c.seq, device=device)
-        loss = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).float().sum()  # noqa: E731
+        loss = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask).float().sum()
     elif provider == "flex-attention":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         lens_t = lens if lens is not None else torch.zeros(c.batch, dtype=torch.long, device=device)
@@ -205,7 +206,7 @@ def setup(config: Config, provider: str, mode: str = "fwd+bwd", device: torch.de
             return (kv_idx <= q_idx) | (kv_idx < lens_t[b])
         block_mask = create_block_mask(mask_mod, c.batch, None, c.seq, c.seq, device=device)
         flex = harness.compiled(flex_attention)
-        loss = lambda: flex(q, k, v, block_mask=block_mask).float().sum()  # noqa: E731
+        loss = lambda: flex(q, k, v, block_mask=block_mask).float().sum()
     elif provider == "triton-pointers":
         def loss():
             return K.prefix_attention(q, k, v, lens, backend="triton").float().sum()
@@ -217,7 +218,7 @@ def setup(config: Config, provider: str, mode: str = "fwd+bwd", device: torch.de
                 return step()
         return run
     elif provider in K.BACKENDS:
-        loss = lambda: K.prefix_attention(q, k, v, lens, backend=provider).float().sum()  # noqa: E731
+        loss = lambda: K.prefix_attention(q, k, v, lens, backend=provider).float().sum()
     else:
         raise ValueError(f"no provider {provider!r} for {OP}")
     return harness.make_step(loss, [q, k, v], mode)

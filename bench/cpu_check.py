@@ -35,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("AIMV2_CHECK_VALUES", "0")
 
-import bench_linear_cross_entropy as lce  # noqa: E402
-import bench_patch_mse_loss as pm  # noqa: E402
-import bench_prefix_attention as pa  # noqa: E402
-import harness  # noqa: E402
+import bench_linear_cross_entropy as lce
+import bench_patch_mse_loss as pm
+import bench_prefix_attention as pa
+import harness
 
 CPU = torch.device("cpu")
 MODE = "fwd+bwd"

@@ -40,12 +40,11 @@ def autotune_plan(max_configs: int | None) -> dict:
     tunings between processes, so the AIMv2-L step reuses the benchmark's (same shapes). Returns the count of
     tunings, of compiles (a compile per configuration and distinct specialization) and the estimated seconds.
     """
-    import torch
-
     import bench_cross_entropy
     import bench_linear_cross_entropy
     import bench_patch_mse_loss
     import bench_prefix_attention
+    import torch
 
     cuda = torch.device("cuda")
     tunings: set[tuple] = set()

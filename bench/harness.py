@@ -272,12 +272,16 @@ def ceilings(device: torch.device) -> dict:
     """Measured copy GB/s (bytes read + written, 1 GiB) and bf16 matmul TFLOP/s (8192^3) on a CUDA device."""
     if device.type != "cuda":
         return {}
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_ms, _, _ = time_fn(lambda: dst.copy_(src), device)
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    mm_ms, _, _ = time_fn(lambda: a @ a, device)
-    del src, dst, a
+    def copy_ms() -> float:
+        src = torch.empty(2**30, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        return time_fn(lambda: dst.copy_(src), device)[0]
+
+    def matmul_ms() -> float:
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        return time_fn(lambda: a @ a, device)[0]
+
+    copy_ms, mm_ms = copy_ms(), matmul_ms()  # each frees its tensors on return
     torch.cuda.empty_cache()
     return {"copy_GBps": 2 * 2**30 / copy_ms / 1e6, "bf16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 

@@ -21,10 +21,9 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import torch  # noqa: E402
-
-import harness  # noqa: E402
-import run  # noqa: E402
+import harness
+import run
+import torch
 
 MODES = ("fwd", "fwd+bwd")
 CUDA = torch.device("cuda")  # only names the device whose shapes are listed; nothing runs on it
@@ -64,6 +63,7 @@ def prefix_lines() -> list[str]:
 def train_step(matmul_tflops: float) -> dict:
     """The AIMv2-L step at batch 128: model FLOPs (expected prefix), time at the full matmul rate and at 45% MFU."""
     import train_throughput as tt
+
     from aimv2.config import AIMv2Config
 
     cfg = AIMv2Config.from_name(TRAIN_PRESET)

@@ -38,13 +38,12 @@ from typing import Callable
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import torch  # noqa: E402
-
-import bench_cross_entropy  # noqa: E402
-import bench_linear_cross_entropy  # noqa: E402
-import bench_patch_mse_loss  # noqa: E402
-import bench_prefix_attention  # noqa: E402
-import harness  # noqa: E402
+import bench_cross_entropy
+import bench_linear_cross_entropy
+import bench_patch_mse_loss
+import bench_prefix_attention
+import harness
+import torch
 
 OPS = {m.OP: m for m in (bench_patch_mse_loss, bench_prefix_attention, bench_linear_cross_entropy,
                          bench_cross_entropy)}
@@ -145,9 +144,13 @@ def run_op(op: str, device: torch.device, quick: bool, modes: list[str], only: l
         for config in module.configs(device, quick):
             for provider in runnable:
                 for mode in modes:
-                    result = harness.measure(op, config.name, provider, mode,
-                                             lambda: module.setup(config, provider, mode, device), device,
-                                             lambda ms: module.derived(config, mode, ms), **timing)
+                    # measure() calls both closures before this iteration ends: binding the loop variables late
+                    # is safe, and the defaults make that explicit.
+                    result = harness.measure(
+                        op, config.name, provider, mode,
+                        lambda config=config, provider=provider, mode=mode: module.setup(config, provider, mode,
+                                                                                         device),
+                        device, lambda ms, config=config, mode=mode: module.derived(config, mode, ms), **timing)
                     result.size, result.series = config.size, config.series
                     work = module.work(config, mode)
                     result.bytes, result.flops = work["bytes"], work["flops"]

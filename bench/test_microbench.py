@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
 import bench_cross_entropy
 import bench_linear_cross_entropy
 import bench_patch_mse_loss
 import bench_prefix_attention
 import harness
+import pytest
+import torch
 
 CPU = torch.device("cpu")
 QUICK = os.environ.get("AIMV2_BENCH_QUICK") == "1"

@@ -49,11 +49,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402
-import train_profile  # noqa: E402
+import harness
+import train_profile
 
-from aimv2.config import PRESETS, AIMv2Config  # noqa: E402
-from aimv2_kernels import BACKENDS, available_backends  # noqa: E402
+from aimv2.config import PRESETS, AIMv2Config
+from aimv2_kernels import BACKENDS, available_backends
 
 OPS = ("patch_mse_loss", "prefix_attention", "linear_cross_entropy")
 MODES = ("eager", "compile")
@@ -232,9 +232,11 @@ def matmul_tflops(device: torch.device) -> float | None:
     """Measured bf16 matmul rate (TFLOP/s) of an ``(8192, 8192) @ (8192, 8192)`` product; None off CUDA."""
     if device.type != "cuda":
         return None
-    a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=torch.bfloat16)
-    ms, _, _ = harness.time_fn(lambda: a @ a, device)
-    del a
+    def matmul_ms() -> float:
+        a = torch.randn(MATMUL_N, MATMUL_N, device=device, dtype=torch.bfloat16)
+        return harness.time_fn(lambda: a @ a, device)[0]
+
+    ms = matmul_ms()  # frees the operands on return
     torch.cuda.empty_cache()
     return 2 * MATMUL_N ** 3 / ms / 1e9
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import aimv2_kernels as K
-from aimv2_kernels import BackendUnavailableError, cross_entropy, linear_cross_entropy, patch_mse_loss
-from aimv2_kernels import prefix_attention
+from aimv2_kernels import BackendUnavailableError, cross_entropy, linear_cross_entropy, patch_mse_loss, prefix_attention
 
 
 def _qkv(b=2, h=2, s=8, d=64, dtype=torch.float32):

@@ -18,12 +18,12 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
 CHECK_VALUES = os.environ.get("AIMV2_CHECK_VALUES")
-import bench_cross_entropy as ce  # noqa: E402
-import bench_linear_cross_entropy as lce  # noqa: E402
-import bench_patch_mse_loss as pm  # noqa: E402
-import bench_prefix_attention as pa  # noqa: E402
-import harness  # noqa: E402
-import run  # noqa: E402
+import bench_cross_entropy as ce
+import bench_linear_cross_entropy as lce
+import bench_patch_mse_loss as pm
+import bench_prefix_attention as pa
+import harness
+import run
 
 OPS = ("patch_mse_loss", "prefix_attention", "linear_cross_entropy", "cross_entropy")
 
@@ -134,7 +134,7 @@ def test_importing_the_harness_leaves_the_value_checks_on():
 
 def test_make_step_modes_and_bad_mode():
     w = torch.randn(5, requires_grad=True)
-    loss = lambda: (w * w).sum()  # noqa: E731
+    loss = lambda: (w * w).sum()
     assert torch.equal(harness.make_step(loss, [w], "fwd")(), loss())
     for mode in ("bwd", "fwd+bwd"):
         w.grad = None

@@ -18,14 +18,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ce_cases import check_backend
+from ce_cases import run as _run
+from ce_cases import targets_with_ignored as _targets
+from ce_cases import upstream as _upstream
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import aimv2_kernels
 from aimv2_kernels._backend import _unavailable_reason, load_extension, triton_available
 from aimv2_kernels.reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
-from ce_cases import (
-    check_backend, run as _run, targets_with_ignored as _targets, upstream as _upstream)
 
 BACKENDS = ("cpu", "triton")
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -515,7 +517,7 @@ def test_autotune_pruning(backend):
     from aimv2_kernels.triton.cross_entropy import _prune
 
     configs = [triton.Config({"BLOCK_V": b}, num_warps=w) for b in (256, 1024, 8192) for w in (4, 8, 16)]
-    kept = lambda v: {(c.kwargs["BLOCK_V"], c.num_warps) for c in _prune(configs, {"V": v})}  # noqa: E731
+    kept = lambda v: {(c.kwargs["BLOCK_V"], c.num_warps) for c in _prune(configs, {"V": v})}
     assert kept(50) == {(256, 4), (256, 8)}
     assert kept(32000) == {(1024, 4), (1024, 8), (1024, 16), (8192, 4), (8192, 8), (8192, 16)}
     assert _prune(configs[-1:], {"V": 1}) == configs[-1:]  # never empty

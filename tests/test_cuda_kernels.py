@@ -10,14 +10,14 @@ import os
 
 import pytest
 import torch
+from attention_cases import check_backend, check_never_visible_tiles_are_never_read, qkv
+from ce_cases import check, run, targets_with_ignored
 
 import aimv2_kernels
 from aimv2_kernels._backend import load_extension
 from aimv2_kernels.reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
 from aimv2_kernels.reference.patch_mse import patch_mse_loss_reference
 from aimv2_kernels.testing import random_prefix_lens
-from attention_cases import check_backend, check_never_visible_tiles_are_never_read, qkv
-from ce_cases import check, run, targets_with_ignored
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"

@@ -21,8 +21,10 @@ def _detail(tmp_path: Path) -> tuple[Path, Path]:
         "Triton autotuning for function _attn_fwd_kernel,\nwith key as (256, 128),\nfinished after 3.25s,\n"
         "best config selected: BLOCK_M: 128;\n..F\nFAILED tests/test_triton_attention.py::test_fwd[bf16] - assert\n")
     (detail / "bench.log").write_text("finished after 1.50s,\nfinished after 0.25s,\n")
-    (detail / "bench_summary.md").write_text("# at a glance\n\n| op | ours |\n|---|---|\n| prefix_attention | triton |\n")
-    (detail / "train" / "train_throughput-cuda-2026-12-02.md").write_text("| backend | MFU |\n|---|---|\n| triton | 0.41 |\n")
+    (detail / "bench_summary.md").write_text(
+        "# at a glance\n\n| op | ours |\n|---|---|\n| prefix_attention | triton |\n")
+    (detail / "train" / "train_throughput-cuda-2026-12-02.md").write_text(
+        "| backend | MFU |\n|---|---|\n| triton | 0.41 |\n")
     return stages, detail
 
 

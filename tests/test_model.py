@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aimv2 import AIMv2, AIMv2Config, AIMv2Encoder, PRESETS, count_parameters
+from aimv2 import PRESETS, AIMv2, AIMv2Config, AIMv2Encoder, count_parameters
 from aimv2.config import swiglu_hidden
 from aimv2.layers import sincos_pos_embed
 from aimv2_kernels import patch_mse_loss

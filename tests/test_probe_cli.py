@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from aimv2.probe import (AttentionPoolingClassifier, LabelledImages, ProbeSettings, heldout_shapes, probe_forward,
-                         random_encoder, run_probe, run_probes)
+from aimv2.probe import (
+    AttentionPoolingClassifier,
+    LabelledImages,
+    ProbeSettings,
+    heldout_shapes,
+    probe_forward,
+    random_encoder,
+    run_probe,
+    run_probes,
+)
 from aimv2.probe_cli import main
 
 FAST = ["--train-size", "32", "--test-size", "16", "--epochs", "2", "--batch-size", "16", "--no-progress"]

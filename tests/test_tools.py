@@ -177,9 +177,9 @@ def test_triton_check_mma_kind_and_limits():
 def test_attention_rule_tables():
     """fp32 gets only its own tiles, fp16/bf16 never get them; a tile in a spill table is never kept there; every
     specialization the compile check builds keeps at least one config on both targets."""
-    from aimv2_kernels.triton import tuning
     from aimv2_kernels.triton import attention_backward as bwd
     from aimv2_kernels.triton import attention_forward as fwd
+    from aimv2_kernels.triton import tuning
     tables = {"attn_fwd": (fwd._FWD_TILES_FP32, fwd._FWD_SPILLS), "attn_bwd_dkdv": (bwd._DKDV_TILES_FP32,
               bwd._DKDV_SPILLS), "attn_bwd_dq": (bwd._DQ_TILES_FP32, bwd._DQ_SPILLS)}
     for name, (fp32_tiles, spills) in tables.items():
@@ -219,3 +219,34 @@ def test_triton_check_load_kind_and_tma_specializations():
         assert spec.per_arch["90a"] == {"TMA": not fp32} and spec.per_arch["80"] == {"TMA": False}, spec.label
         seen.add(fp32)
     assert seen == {True, False}
+
+
+# ------------------------------------------------------------------------------ tools/check_type_hints.py
+HINTS_SPEC = importlib.util.spec_from_file_location(
+    "check_type_hints", Path(__file__).resolve().parents[1] / "tools" / "check_type_hints.py")
+hints = importlib.util.module_from_spec(HINTS_SPEC)
+HINTS_SPEC.loader.exec_module(hints)
+
+
+def test_check_type_hints_finds_what_is_missing():
+    source = '''
+import triton
+def typed(x: int, *a: int, y: str = "", **k: float) -> int: ...
+def untyped_arg(x, y: int) -> None: ...
+def no_return(x: int): ...
+def _private(x): ...
+class Public:
+    def __init__(self, x: int): ...
+    def method(self, x) -> None: ...
+    def _hidden(self, x): ...
+class _Private:
+    def method(self, x): ...
+@triton.jit
+def kernel(X, Y): ...
+def outer(x: int) -> None:
+    def inner(y): ...
+def star(*args, **kwargs) -> None: ...
+'''
+    found = hints.missing_hints(source, "m.py")
+    assert found == ["m.py:4 untyped_arg: no hint for x", "m.py:5 no_return: no hint for return",
+                     "m.py:9 method: no hint for x", "m.py:17 star: no hint for *args, **kwargs"]

@@ -5,18 +5,15 @@ config, so the shapes are small but span several tiles, a sequence tail and ever
 """
 import pytest
 import torch
-
 import triton  # noqa: E402,F401  (a test dependency: a missing triton must fail, not skip)
+from attention_cases import check_backend, check_never_visible_tiles_are_never_read
+from attention_cases import qkv as _qkv
 
-from aimv2_kernels import prefix_attention  # noqa: E402
-from aimv2_kernels.testing import random_prefix_lens  # noqa: E402
-from aimv2_kernels.triton import attention_backward as bwd_module  # noqa: E402
-from aimv2_kernels.triton import attention_forward as fwd_module  # noqa: E402
-from aimv2_kernels.triton.attention import prefix_attention_triton  # noqa: E402
-
-from attention_cases import (  # noqa: E402
-    check_backend, check_never_visible_tiles_are_never_read, qkv as _qkv)
-
+from aimv2_kernels import prefix_attention
+from aimv2_kernels.testing import random_prefix_lens
+from aimv2_kernels.triton import attention_backward as bwd_module
+from aimv2_kernels.triton import attention_forward as fwd_module
+from aimv2_kernels.triton.attention import prefix_attention_triton
 
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -88,7 +85,6 @@ def test_non_unit_head_dim_stride(device):
 @pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32)])
 def test_unequal_tiles(bm, bn, monkeypatch, device, load_path):
     """BLOCK_M != BLOCK_N (as in the GPU configs) in all three kernels, through the tile-range arithmetic."""
-    import triton
     for kernel in KERNELS_TUNED:
         monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4,
                                                               num_stages=1)])
@@ -102,7 +98,8 @@ def _max_block() -> int:
 
 
 def test_never_visible_tiles_are_never_read(device):
-    check_never_visible_tiles_are_never_read(fwd_module.attention_forward, bwd_module.attention_backward, _max_block(), device)
+    check_never_visible_tiles_are_never_read(fwd_module.attention_forward, bwd_module.attention_backward, _max_block(),
+                                             device)
 
 
 def test_never_visible_tiles_are_never_read_through_descriptors(device, monkeypatch):

@@ -5,7 +5,7 @@ import torch
 
 from aimv2 import AIMv2, AIMv2Config
 from aimv2.train import TrainConfig, Trainer
-from aimv2_kernels.testing import GRADIENT_K, FORWARD_K, assert_within_budget
+from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget
 
 
 def _model(backend, device):

@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     if rows:
         names = demangle(sorted({r["kernel"] for r in rows}))
         print("\nptxas report (registers per thread, static shared memory, stack frame and spills in bytes):")
-        header = f"{'file':<24} {'arch':<5} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st':>8} {'spill ld':>8}  kernel"
+        header = (f"{'file':<24} {'arch':<5} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st':>8} {'spill ld':>8}"
+                  "  kernel")
         print(header)
         print("-" * len(header))
         for r in sorted(rows, key=lambda r: (r["file"], r["arch"], names[r["kernel"]])):

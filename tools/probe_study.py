@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from aimv2 import probe as P
 from aimv2.data import Normalize, ShapesDataset
-from aimv2.train import Trainer, TrainConfig, lr_at
+from aimv2.train import TrainConfig, Trainer, lr_at
 
 
 def main(argv: list[str] | None = None) -> int:

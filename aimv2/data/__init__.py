@@ -14,11 +14,7 @@ Modules:
 - ``loader``: ``TrainLoader``, the world-size-invariant, resumable training loader.
 """
 
-from .._extras import require
-
-require("PIL.Image", "aimv2.data (image decoding and transforms)")
-
-from .bundled import ImageTextSource, Sample, Scene, ShapeSpec, ShapesDataset, build_dataset
+from .bundled import ImageTextSource, Sample, Scene, ShapesDataset, ShapeSpec, build_dataset
 from .decode import BadSample, RawSample, decode_image, to_rgb
 from .loader import Batch, LoaderBatch, TrainLoader, sample_budget_exponent
 from .paths import IMAGE_EXTENSIONS

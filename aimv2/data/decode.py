@@ -12,7 +12,10 @@ import io
 import json
 
 import numpy as np
-from PIL import Image
+
+from .._extras import require
+
+Image = require("PIL.Image", "aimv2.data (image decoding)")
 
 __all__ = ["BadSample", "RawSample", "to_rgb", "decode_image"]
 

@@ -27,6 +27,7 @@ import json
 import os
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -496,7 +497,8 @@ class JSONLSource(_RowSource):
         self._init_rows(path, images, captions, lines, errors)
 
 
-def open_source(path, **kw) -> _Source:
+def open_source(path: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
+                **kw: Any) -> _Source:
     """The source for ``path``, detected from it (``kw`` go to the chosen class):
 
     - a list or tuple, a glob, a brace pattern, a ``.tar`` file, or a directory holding ``*.tar`` files:

@@ -130,7 +130,7 @@ _SETTLED_NS = 3_000_000_000  # a shard modified in the last 3 s may still be cha
 _cache_warned: set[str] = set()
 
 
-def index_cache_dir(index_cache=None) -> str | None:
+def index_cache_dir(index_cache: bool | str | os.PathLike[str] | None = None) -> str | None:
     """Where ``TarShards`` keeps its index cache, or None when caching is off.
 
     ``index_cache``: None reads ``$AIMV2_INDEX_CACHE`` (``off`` or ``0`` turns caching off), else uses

@@ -22,9 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from .decode import to_rgb
+from .decode import Image, to_rgb
 
 __all__ = [
     "to_tensor",
@@ -101,7 +100,7 @@ def _check_out(out, shape: tuple[int, int, int]) -> torch.Tensor:
     return out
 
 
-def to_tensor(img, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def to_tensor(img: Image.Image | torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``(3, H, W)`` in ``[0, 1]`` (``v / 255``) of a PIL image (any mode, via ``to_rgb``), or of a
     float tensor ``(3, H, W)`` (converted to contiguous float32, no copy when it already is and ``out`` is
     None). ``out``: a float32 CPU tensor ``(3, H, W)`` to write into (returned)."""
@@ -272,7 +271,8 @@ def native_grid(budget: int) -> tuple[int, int]:
     return 2 ** (n // 2), 2 ** (n - n // 2)
 
 
-def fit_and_pad(img, grid: tuple[int, int], patch_size: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def fit_and_pad(img: Image.Image | torch.Tensor, grid: tuple[int, int], patch_size: int, *,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """``img`` on a native-resolution canvas: float32 ``(3, rows * patch_size, cols * patch_size)``.
 
     The image (a PIL image of any mode, or a float tensor ``(3, H, W)`` in ``[0, 1]``) is resized bicubically

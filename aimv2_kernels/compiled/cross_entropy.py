@@ -1,5 +1,6 @@
-"""Backends ``"cpu"`` and ``"cuda"`` of ``cross_entropy``: the compiled row kernel (``torch.ops.aimv2.cross_entropy_rows_*``,
-C++ on CPU tensors, CUDA on CUDA tensors) as the custom op ``aimv2::compiled_cross_entropy``."""
+"""Backends ``"cpu"`` and ``"cuda"`` of ``cross_entropy``: the compiled row kernel
+(``torch.ops.aimv2.cross_entropy_rows_*``, C++ on CPU tensors, CUDA on CUDA tensors) as the custom op
+``aimv2::compiled_cross_entropy``."""
 # No ``from __future__ import annotations``: torch.library.custom_op infers the op's schema from the
 # annotations of the decorated function.
 from typing import Optional

@@ -9,7 +9,6 @@ from .._attention_op import define_attention_ops
 from .attention_backward import attention_backward
 from .attention_forward import HEAD_DIMS, attention_forward
 
-
 forward_op, backward_op = define_attention_ops("prefix_attention_triton", attention_forward, attention_backward)
 
 

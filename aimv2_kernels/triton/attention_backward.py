@@ -21,16 +21,30 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .attention_forward import (INTERPRET_CONFIGS, LOG2E, _load_rows, _round, _rows, _visible, attention_rule,
-                                device_guard, dot_args, make_configs, prefix_arg, prepare_inputs, tma_scratch,
-                                use_tma)
+from .attention_forward import (
+    INTERPRET_CONFIGS,
+    LOG2E,
+    _load_rows,
+    _round,
+    _rows,
+    _visible,
+    attention_rule,
+    device_guard,
+    dot_args,
+    make_configs,
+    prefix_arg,
+    prepare_inputs,
+    tma_scratch,
+    use_tma,
+)
 from .tuning import tuned
 
 _DELTA_BLOCK = 64
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds, H, S,
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob,  # noqa: E741  (O: the output; capitals name the tensors)
+                      stride_oh, stride_os, stride_db, stride_dh, stride_ds, H, S,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """``DELTA[b, h, i] = sum_d dO * O`` in fp32, grid ``(cdiv(S, BLOCK_M), B * H)``."""
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -298,7 +312,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, prefix_lens: torch.Tensor | None, *, causal: bool, scale: float,
-                       mask_every_tile: bool = False):
+                       mask_every_tile: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels (no autograd).
 
     Args:

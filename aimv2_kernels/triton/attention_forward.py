@@ -16,24 +16,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
 import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .tuning import INTERPRET, tuned
+from .tuning import INTERPRET, Target, tuned
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def make_configs(tiles):
+def make_configs(tiles: Iterable[tuple[int, int, int, int]]) -> list[triton.Config]:
     """Autotune configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples, in the given order."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
-def tile(config) -> tuple:
+def tile(config: triton.Config) -> tuple:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of an attention config."""
     return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
 
@@ -42,7 +43,10 @@ def tile(config) -> tuple:
 INTERPRET_CONFIGS = make_configs([(16, 16, 4, 1)])
 
 
-def attention_rule(estimate, fp32_tiles, spills):
+def attention_rule(estimate: Callable[[triton.Config, int, int], int],
+                   fp32_tiles: Iterable[tuple[int, int, int, int]],
+                   spills: Mapping[tuple[bool, int, int], Collection[tuple[int, int, int, int]]],
+                   ) -> Callable[[list, dict, Target], list]:
     """The pruning rule of an attention kernel (see :mod:`.tuning`). It keeps the configs that
 
     1. suit the inputs' precision: fp32 (``DOT_PRECISION="ieee"``: FMA products, no tensor cores, many more
@@ -90,7 +94,7 @@ def dot_args(dtype: torch.dtype) -> dict:
     return {"DOT_DTYPE": tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, "DOT_PRECISION": "tf32"}
 
 
-def device_guard(t: torch.Tensor):
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager[None]:
     """Make ``t``'s GPU the current device for the launch (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -153,7 +157,7 @@ def prepare_inputs(*tensors: torch.Tensor, tma: bool = False) -> list[torch.Tens
 
 
 @contextlib.contextmanager
-def tma_scratch(enabled: bool, device: torch.device):
+def tma_scratch(enabled: bool, device: torch.device) -> Iterator[None]:
     """Global scratch for the descriptors the kernels build on the device (``tl.make_tensor_descriptor``,
     128 bytes per descriptor and program), allocated by torch on ``device`` during the launch.
 
@@ -179,7 +183,7 @@ def tma_scratch(enabled: bool, device: torch.device):
         _allocation._allocator.reset(token)
 
 
-def prefix_arg(prefix_lens: torch.Tensor | None, causal: bool, like: torch.Tensor):
+def prefix_arg(prefix_lens: torch.Tensor | None, causal: bool, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``(pointer tensor, HAS_PREFIX)``: int32 prefix lengths, or a dummy pointer when there are none."""
     if prefix_lens is None or not causal:
         return like, False
@@ -325,7 +329,7 @@ FWD_CONFIGS = make_configs(_FWD_TILES + _FWD_TILES_FP32)
        interpret_configs=INTERPRET_CONFIGS,
        key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "TMA"])
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,
+def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,  # noqa: E741  (O: the output; capitals name the tensors)
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
                      H, S, qk_scale,
@@ -386,7 +390,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_lens: torch.Tensor | None, *,
-                      causal: bool, scale: float, mask_every_tile: bool = False):
+                      causal: bool, scale: float, mask_every_tile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel (no autograd).
 
     Args:

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from .._alloc import new_output
-from .._patch_rows_op import define_patch_rows_ops
 from .._backend import triton_interpret
+from .._patch_rows_op import define_patch_rows_ops
 from .tuning import tuned
 
 
@@ -45,8 +45,8 @@ def _patch_mse_kernel(
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) flat row index b * L + l
     in_range = row < n_rows
     b = row // L
-    l = row - b * L
-    n = l + target_offset  # patch index in raster order
+    pos = row - b * L  # l, the row within its image
+    n = pos + target_offset  # patch index in raster order
     counted = in_range
     if HAS_PREFIX:
         counted = counted & (n >= tl.load(prefix_ptr + b, mask=in_range, other=0))
@@ -73,7 +73,7 @@ def _patch_mse_kernel(
     y = tl.load(pred_ptr + pred_off, mask=mask, other=0.0).to(tl.float32)
     diff = y - centered * rstd[:, None]  # 0 outside the patch and on rows that do not count
     if GRAD:
-        g = tl.load(grad_rows_ptr + b * stride_gb + l * stride_gl, mask=counted, other=0.0).to(tl.float32)
+        g = tl.load(grad_rows_ptr + b * stride_gb + pos * stride_gl, mask=counted, other=0.0).to(tl.float32)
         grad = diff * (g * (2.0 / P))[:, None]
         if out_ptr.dtype.element_ty == tl.bfloat16:
             grad = _round_to_bf16(grad)

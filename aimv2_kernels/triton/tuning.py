@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import importlib
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import triton
 
@@ -108,7 +108,9 @@ REGISTRY: dict[str, TunedKernel] = {}
 _MODULES = ("attention_forward", "attention_backward", "patch_mse", "cross_entropy")
 
 
-def tuned(name: str, configs: list, rule, *, interpret_configs: list | None = None, **autotune_kwargs):
+def tuned(name: str, configs: list, rule: Callable[[list, dict, Target], list], *,
+          interpret_configs: list | None = None, **autotune_kwargs: Any,
+          ) -> Callable[[triton.runtime.KernelInterface], triton.runtime.Autotuner]:
     """``triton.autotune`` over ``configs`` with ``rule`` (see the module docstring), registered as ``name``.
 
     Under ``TRITON_INTERPRET=1`` the autotuner gets ``interpret_configs`` instead when given (one small config:
@@ -132,6 +134,6 @@ def import_kernels() -> dict[str, TunedKernel]:
     return REGISTRY
 
 
-def kept_configs(kernel_name: str, target: Target, **args) -> list:
+def kept_configs(kernel_name: str, target: Target, **args: Any) -> list:
     """The configs ``kernel_name`` keeps on ``target`` for a launch with ``args`` (named args and constexprs)."""
     return import_kernels()[kernel_name].kept(target, args)
