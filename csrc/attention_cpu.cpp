@@ -25,11 +25,12 @@
 // Tasks run on torch's intra-op threads, handed out one at a time, head by head (see run_tasks). Extra memory
 // is a few tiles per thread, plus delta, fp32 (B, H, S), plus for the fused backward S x Dp fp32 per thread.
 //
-// The hot loops use GCC/Clang vector extensions (8 x fp32) and are compiled twice: for the build's baseline
-// ISA and, on x86-64, for AVX2+FMA (chosen at run time; ATEN_CPU_CAPABILITY=default forces the baseline), as
-// setup.py compiles every file for the baseline ISA only. Everything a task runs is force-inlined into its two
-// entry points (forward_task_avx2 / forward_task_generic, ...), so the vector code takes the entry's ISA; the
-// GEMM has its own pair (gemm_avx2 / gemm_generic).
+// The hot loops use GCC/Clang vector extensions (8 x fp32, csrc/cpu_simd.h) and are compiled twice: for the
+// build's baseline ISA and, on x86, for AVX2+FMA (chosen at run time by simd::avx2_enabled(): AIMV2_CPU_SIMD=portable
+// forces the baseline), as setup.py compiles every file for the baseline ISA only. Everything a task runs is
+// force-inlined into its two entry points (forward_task_avx2 / forward_task_generic, ...), so the vector code
+// takes the entry's ISA; the GEMM (csrc/attention_cpu_tiles.h, with the tile helpers) has its own pair
+// (gemm_avx2 / gemm_generic).
 // NOTE: the GEMM micro-kernel keeps a 6 x 16 block of C in 12 ymm registers (one B row of 2 vectors, 6
 // broadcasts of A per step). On the 2-core AMD EPYC (Zen 3) build machine, shared with other jobs, it reached
 // 70-85 GFLOP/s on one core for 64 x 64 x 64 products in L1 (MKL: 69 GFLOP/s on a 1024^3 matmul), and the whole
@@ -53,9 +54,8 @@
 #include <type_traits>
 #include <vector>
 
-#if !defined(__GNUC__)
-#error "attention_cpu.cpp uses GCC/Clang vector extensions"
-#endif
+#include "attention_cpu_tiles.h"
+#include "cpu_simd.h"
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP) && defined(__ELF__)
 // libgomp's entry for `#pragma omp parallel` (see on_threads); weak, so a runtime without it leaves it null.
@@ -66,227 +66,16 @@ extern "C" void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_thread
 namespace aimv2 {
 namespace {
 
-// Vectors only cross always-inlined functions, so the ABI note about passing them is moot.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define AIMV2_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__)
-#define AIMV2_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define AIMV2_AVX2
-#endif
+using namespace attention_cpu;
+using simd::exp2v;
+using simd::vmax;
 
 constexpr int64_t kBlockM = 64;     // forward: queries per tile
 constexpr int64_t kBlockN = 64;     // forward: keys per tile
 constexpr int64_t kBwdBlockM = 64;  // backward: queries per tile
 constexpr int64_t kBwdBlockN = 64;  // backward: keys per tile
-constexpr int64_t kNR = 16;      // micro-kernel columns (2 vectors); padded widths are multiples of it
-constexpr int kMR = 6;           // micro-kernel rows
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// ---------------------------------------------------------------------------------------------------------
-// 8-lane fp32 vectors
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-AIMV2_INLINE v8 load8(const float* p) {
-  v8 r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-AIMV2_INLINE void store8(float* p, const v8& x) { std::memcpy(p, &x, sizeof(x)); }
-AIMV2_INLINE v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
-AIMV2_INLINE v8 select(const v8i& mask, const v8& yes, const v8& no) {
-  return (v8)((mask & (v8i)yes) | (~mask & (v8i)no));
-}
-AIMV2_INLINE v8 vmax(const v8& a, const v8& b) { return select(a > b, a, b); }
-
-// 2^x, relative error about 2e-7 (Cephes exp2f polynomial on [-0.5, 0.5]). Exactly 0 for x < -126 (and -inf).
-AIMV2_INLINE v8 exp2v(const v8& in) {
-  const v8i zero = in < splat(-126.f);
-  v8 x = select(zero, splat(-126.f), in);
-  x = select(x > splat(127.f), splat(127.f), x);
-  const v8 magic = splat(12582912.f);  // 1.5 * 2^23: (x + magic) - magic rounds x to an integer
-  const v8 n = (x + magic) - magic;
-  const v8 f = x - n;
-  v8 p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
-  const v8i bits = (v8i)p + (__builtin_convertvector(n, v8i) << 23);
-  return (v8)(bits & ~zero);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// GEMM: C[m x n] (+)= op(A)[m x k] B[k x n], fp32. B and C row-major with n a multiple of kNR (padded
-// buffers); op(A)(i, p) = A[i * lda + p], or A[p * lda + i] when kAT.
-template <int MR, bool kAT>
-AIMV2_INLINE void micro_kernel(int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                               int64_t ldc, bool accumulate) {
-  v8 acc0[MR], acc1[MR];
-  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = splat(0.f);
-  for (int64_t p = 0; p < k; ++p) {
-    const v8 b0 = load8(b + p * ldb), b1 = load8(b + p * ldb + 8);
-    for (int i = 0; i < MR; ++i) {
-      const float s = kAT ? a[p * lda + i] : a[i * lda + p];
-      acc0[i] += s * b0;
-      acc1[i] += s * b1;
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    float* ci = c + i * ldc;
-    if (accumulate) {
-      acc0[i] += load8(ci);
-      acc1[i] += load8(ci + 8);
-    }
-    store8(ci, acc0[i]);
-    store8(ci + 8, acc1[i]);
-  }
-}
-
-template <bool kAT>
-AIMV2_INLINE void gemm_body(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                            int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  for (int64_t j = 0; j < n; j += kNR) {
-    for (int64_t i = 0; i < m; i += kMR) {
-      const float* ai = kAT ? a + i : a + i * lda;
-      float* cij = c + i * ldc + j;
-      switch (std::min<int64_t>(kMR, m - i)) {
-        case 6: micro_kernel<6, kAT>(k, ai, lda, b + j, ldb, cij, ldc, accumulate); break;
-        case 5: micro_kernel<5, kAT>(k, ai, lda, b + j, ldb, cij, ldc, accumulate); break;
-        case 4: micro_kernel<4, kAT>(k, ai, lda, b + j, ldb, cij, ldc, accumulate); break;
-        case 3: micro_kernel<3, kAT>(k, ai, lda, b + j, ldb, cij, ldc, accumulate); break;
-        case 2: micro_kernel<2, kAT>(k, ai, lda, b + j, ldb, cij, ldc, accumulate); break;
-        default: micro_kernel<1, kAT>(k, ai, lda, b + j, ldb, cij, ldc, accumulate); break;
-      }
-    }
-  }
-}
-
-template <bool kAT>
-void gemm_generic(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                  float* c, int64_t ldc, bool accumulate) {
-  gemm_body<kAT>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-}
-
-template <bool kAT>
-AIMV2_AVX2 void gemm_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  gemm_body<kAT>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-}
-
-template <bool kAvx2, bool kAT>
-AIMV2_INLINE void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                       float* c, int64_t ldc, bool accumulate) {
-  if constexpr (kAvx2) {
-    gemm_avx2<kAT>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-  } else {
-    gemm_generic<kAT>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
-  }
-}
-
-bool use_avx2() {
-  static const bool yes = [] {
-#if defined(__x86_64__)
-    const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
-    if (capability != nullptr && std::strcmp(capability, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
-  }();
-  return yes;
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Tiles of the (B, H, S, D) inputs
-
-template <typename T>
-AIMV2_INLINE float to_float(T x) {
-  return static_cast<float>(x);
-}
-template <>
-AIMV2_INLINE float to_float<c10::BFloat16>(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// A strided (B, H, S, D) tensor with a contiguous last dimension.
-template <typename T>
-struct Rows {
-  const T* data;
-  int64_t sb, sh, ss;
-  const T* at(int64_t b, int64_t h, int64_t s) const { return data + b * sb + h * sh + s * ss; }
-};
-
-struct View {
-  const float* ptr;
-  int64_t ld;
-};
-
-// `rows` rows of D values as fp32, row-major. fp32 rows are used in place when they can be: always as an A
-// operand (`padded` false), and as a B operand when D is a multiple of kNR. Otherwise they are converted into
-// `buf` with rows of Dp values, zero past D.
-template <typename T>
-AIMV2_INLINE View rows_view(const T* src, int64_t stride, int64_t rows, int64_t D, int64_t Dp, float* buf,
-                            bool padded) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (!padded || D == Dp) return {src, stride};
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * stride;
-    float* d = buf + r * Dp;
-    for (int64_t x = 0; x < D; ++x) d[x] = to_float(s[x]);
-    for (int64_t x = D; x < Dp; ++x) d[x] = 0.f;
-  }
-  return {buf, Dp};
-}
-
-// dst[x * ld + r] = mult * src[r, x] for r < rows, 0 for rows <= r < width (D rows of `width` values).
-template <typename T>
-AIMV2_INLINE void pack_transposed(const T* src, int64_t stride, int64_t rows, int64_t D, float mult, float* dst,
-                                  int64_t ld, int64_t width) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * stride;
-    for (int64_t x = 0; x < D; ++x) dst[x * ld + r] = mult * to_float(s[x]);
-  }
-  for (int64_t x = 0; x < D; ++x) std::fill(dst + x * ld + rows, dst + x * ld + width, 0.f);
-}
-
-AIMV2_INLINE void fill(float* p, int64_t n, float value) { std::fill(p, p + n, value); }
-
-// ---------------------------------------------------------------------------------------------------------
-// The problem, shared by the three loops
-
-template <typename T>
-struct Problem {
-  int64_t B, H, S, D, Dp;
-  Rows<T> q, k, v;
-  const int64_t* prefix;  // nullptr: 0
-  bool causal;
-  float scale;
-  float scale2;  // scale * log2(e)
-  // M_b: keys j < M_b are visible to every query (S when not causal).
-  int64_t visible_prefix(int64_t b) const { return !causal ? S : prefix == nullptr ? 0 : prefix[b]; }
-};
-
-// Keys [n0, n0 + bn) are visible to every query of [m0, ...) with prefix M.
-AIMV2_INLINE bool fully_visible(int64_t m0, int64_t n0, int64_t bn, int64_t M) {
-  return n0 + bn <= std::max(M, m0 + 1);
-}
-
-// Number of masked queries at the start of row j' = n0 + jj of an S^T tile whose queries start at m0.
-AIMV2_INLINE int64_t masked_queries(int64_t key, int64_t m0, int64_t bm, int64_t M) {
-  return key >= M ? std::clamp<int64_t>(key - m0, 0, bm) : 0;
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward: one task is one query tile of one (b, h).
@@ -326,30 +115,31 @@ AIMV2_INLINE void forward_task(const Problem<T>& p, const ForwardOut& o, int64_t
       for (int64_t jj = 0; jj < bn; ++jj) fill(s + jj * lds, masked_queries(n0 + jj, m0, bm, M), kNegInf);
     }
     // Online softmax, column i = query m0 + i. Key 0 is visible to every query, so m is finite after tile 0.
-    for (int64_t i = 0; i < bmp; i += 8) store8(tmax + i, splat(kNegInf));
+    for (int64_t i = 0; i < bmp; i += 8) store(tmax + i, splat<F8>(kNegInf));
+    // vmax(a, b) keeps a where a < b fails (ties, NaN); the operand order is the one these loops always had.
     for (int64_t jj = 0; jj < bn; ++jj) {
       const float* row = s + jj * lds;
-      for (int64_t i = 0; i < bmp; i += 8) store8(tmax + i, vmax(load8(tmax + i), load8(row + i)));
+      for (int64_t i = 0; i < bmp; i += 8) store(tmax + i, vmax(load<F8>(row + i), load<F8>(tmax + i)));
     }
     for (int64_t i = 0; i < bmp; i += 8) {
-      const v8 m_old = load8(m + i), m_new = vmax(m_old, load8(tmax + i));
-      store8(alpha + i, exp2v(m_old - m_new));
-      store8(m + i, m_new);
-      store8(tmax + i, splat(0.f));  // reused as this tile's column sums
+      const F8 m_old = load<F8>(m + i), m_new = vmax(load<F8>(tmax + i), m_old);
+      store(alpha + i, exp2v(m_old - m_new));
+      store(m + i, m_new);
+      store(tmax + i, splat<F8>(0.f));  // reused as this tile's column sums
     }
     for (int64_t jj = 0; jj < bn; ++jj) {
       float* row = s + jj * lds;
       for (int64_t i = 0; i < bmp; i += 8) {
-        const v8 pr = exp2v(load8(row + i) - load8(m + i));
-        store8(row + i, pr);
-        store8(tmax + i, load8(tmax + i) + pr);
+        const F8 pr = exp2v(load<F8>(row + i) - load<F8>(m + i));
+        store(row + i, pr);
+        store(tmax + i, load<F8>(tmax + i) + pr);
       }
     }
-    for (int64_t i = 0; i < bmp; i += 8) store8(l + i, load8(l + i) * load8(alpha + i) + load8(tmax + i));
+    for (int64_t i = 0; i < bmp; i += 8) store(l + i, load<F8>(l + i) * load<F8>(alpha + i) + load<F8>(tmax + i));
     for (int64_t i = 0; i < bm; ++i) {
       if (alpha[i] == 1.f) continue;
-      const v8 a = splat(alpha[i]);
-      for (int64_t x = 0; x < Dp; x += 8) store8(acc + i * Dp + x, load8(acc + i * Dp + x) * a);
+      const F8 a = splat<F8>(alpha[i]);
+      for (int64_t x = 0; x < Dp; x += 8) store(acc + i * Dp + x, load<F8>(acc + i * Dp + x) * a);
     }
     gemm<kAvx2, true>(bm, Dp, bn, s, lds, vt.ptr, vt.ld, acc, Dp, true);  // O += P V
   }
@@ -363,8 +153,8 @@ AIMV2_INLINE void forward_task(const Problem<T>& p, const ForwardOut& o, int64_t
 }
 
 template <typename T>
-AIMV2_AVX2 void forward_task_avx2(const Problem<T>& p, const ForwardOut& o, int64_t bh, int64_t tile,
-                                  ForwardWork& w) {
+AIMV2_TARGET_AVX2 void forward_task_avx2(const Problem<T>& p, const ForwardOut& o, int64_t bh, int64_t tile,
+                                         ForwardWork& w) {
   forward_task<true>(p, o, bh, tile, w);
 }
 template <typename T>
@@ -388,11 +178,11 @@ struct BackwardIn {
 template <bool kColumns>
 AIMV2_INLINE void probs_and_dscores(float* s, float* dp, int64_t width, const float* lse2, const float* delta) {
   for (int64_t x = 0; x < width; x += 8) {
-    const v8 sub = kColumns ? load8(lse2 + x) : splat(*lse2);
-    const v8 del = kColumns ? load8(delta + x) : splat(*delta);
-    const v8 pr = exp2v(load8(s + x) - sub);
-    store8(s + x, pr);
-    store8(dp + x, pr * (load8(dp + x) - del));
+    const F8 sub = kColumns ? load<F8>(lse2 + x) : splat<F8>(*lse2);
+    const F8 del = kColumns ? load<F8>(delta + x) : splat<F8>(*delta);
+    const F8 pr = exp2v(load<F8>(s + x) - sub);
+    store(s + x, pr);
+    store(dp + x, pr * (load<F8>(dp + x) - del));
   }
 }
 
@@ -518,8 +308,8 @@ AIMV2_INLINE void fused_task(const Problem<T>& p, const Rows<T>& dout, const Bac
 }
 
 template <typename T>
-AIMV2_AVX2 void dkdv_task_avx2(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
-                               int64_t tile, KeyTileWork& w) {
+AIMV2_TARGET_AVX2 void dkdv_task_avx2(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in,
+                                      int64_t bh, int64_t tile, KeyTileWork& w) {
   dkdv_task<true, false>(p, dout, in, bh, tile, w);
 }
 template <typename T>
@@ -528,8 +318,8 @@ void dkdv_task_generic(const Problem<T>& p, const Rows<T>& dout, const BackwardI
   dkdv_task<false, false>(p, dout, in, bh, tile, w);
 }
 template <typename T>
-AIMV2_AVX2 void fused_task_avx2(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
-                                KeyTileWork& w) {
+AIMV2_TARGET_AVX2 void fused_task_avx2(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in,
+                                       int64_t bh, KeyTileWork& w) {
   fused_task<true>(p, dout, in, bh, w);
 }
 template <typename T>
@@ -538,8 +328,8 @@ void fused_task_generic(const Problem<T>& p, const Rows<T>& dout, const Backward
   fused_task<false>(p, dout, in, bh, w);
 }
 template <typename T>
-AIMV2_AVX2 void dq_task_avx2(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
-                             int64_t tile, QueryTileWork& w) {
+AIMV2_TARGET_AVX2 void dq_task_avx2(const Problem<T>& p, const Rows<T>& dout, const BackwardIn& in, int64_t bh,
+                                    int64_t tile, QueryTileWork& w) {
   dq_task<true>(p, dout, in, bh, tile, w);
 }
 template <typename T>
@@ -699,7 +489,7 @@ void prefix_attention_forward_out_cpu(const at::Tensor& q_in, const at::Tensor& 
   AIMV2_DISPATCH_ATTENTION(q.scalar_type(), kFwd, [&] {
     const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, prefix, causal, scale);
     const ForwardOut o{out.mutable_data_ptr(), lse.mutable_data_ptr<float>()};
-    const bool avx2 = use_avx2();
+    const bool avx2 = simd::avx2_enabled();
     run_tasks<ForwardWork>(B * H * tiles, p.D, p.Dp, [&](int64_t t, ForwardWork& w) {
       const int64_t bh = t / tiles, tile = tiles - 1 - t % tiles;  // late (heavier) query tiles first
       avx2 ? forward_task_avx2(p, o, bh, tile, w) : forward_task_generic(p, o, bh, tile, w);
@@ -743,7 +533,7 @@ void prefix_attention_backward_out_cpu(const at::Tensor& grad_out_in, const at::
     });
     const BackwardIn in{lse.const_data_ptr<float>(), delta_ptr, grad_q.mutable_data_ptr(),
                         grad_k.mutable_data_ptr(), grad_v.mutable_data_ptr()};
-    const bool avx2 = use_avx2();
+    const bool avx2 = simd::avx2_enabled();
     if (use_fused_backward(B * H)) {
       // Heaviest (b, h) first: the cost grows with the prefix (S^2 + M^2 visible pairs, about).
       std::vector<int64_t> order(B * H);

@@ -20,26 +20,25 @@
 //
 // NOTE: the row loops use GCC/Clang vector extensions with a polynomial exp (Cephes expf, max error 1.4 ulp
 // measured over [-87, 88]), built for AVX2+FMA and picked at run time, with a portable 4-lane build as
-// fallback. at::vec is not used: an extension is compiled without CPU_CAPABILITY_AVX2, so its Vectorized<float>
-// is the DEFAULT one, whose exp() calls std::exp per lane. Max + sum-of-exp over a 32000-float row, this
-// 2-core AMD EPYC (Milan) VM, g++ 12 -O3: 7.3 ns/element with at::vec, 0.70 with the AVX2 build here, 2.4 with
-// the 4-lane fallback.
+// fallback (csrc/cpu_simd.h: the vectors, the exp, and the one switch between the builds that the attention
+// kernel uses too). at::vec is not used: an extension is compiled without CPU_CAPABILITY_AVX2, so its
+// Vectorized<float> is the DEFAULT one, whose exp() calls std::exp per lane. Max + sum-of-exp over a
+// 32000-float row, this 2-core AMD EPYC (Milan) VM, g++ 12 -O3: 7.3 ns/element with at::vec, 0.70 with the AVX2
+// build here, 2.4 with the 4-lane fallback.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
 #include "cross_entropy_args.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
-#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -63,59 +62,17 @@ struct RowOps {
 // kBlock / lanes terms.
 constexpr int64_t kBlock = 1024;
 
-#if defined(__GNUC__)  // GCC and Clang: vector extensions
-// 32-byte vectors only ever pass between always-inlined functions, so their ABI does not matter. (Not popped:
-// GCC reports -Wpsabi at the end of the translation unit.)
-#pragma GCC diagnostic ignored "-Wpsabi"
+#if defined(__GNUC__)  // GCC and Clang: vector extensions (csrc/cpu_simd.h)
 
-#define AIMV2_INLINE inline __attribute__((always_inline))
-
-typedef float F4 __attribute__((vector_size(16)));
-typedef int32_t I4 __attribute__((vector_size(16)));
-typedef float F8 __attribute__((vector_size(32)));
-typedef int32_t I8 __attribute__((vector_size(32)));
-
-template <class F> struct IntVec;
-template <> struct IntVec<F4> { using type = I4; };
-template <> struct IntVec<F8> { using type = I8; };
-
-template <class F> constexpr int64_t kLanes = sizeof(F) / sizeof(float);
-
-template <class F> AIMV2_INLINE F load(const float* p) { F v; std::memcpy(&v, p, sizeof(F)); return v; }
-template <class F> AIMV2_INLINE void store(float* p, F v) { std::memcpy(p, &v, sizeof(F)); }
-template <class F> AIMV2_INLINE F splat(float x) { return F{} + x; }
-// mask lanes are all ones (true) or zero
-template <class F, class I> AIMV2_INLINE F select(I mask, F yes, F no) {
-  return (F)(((I)yes & mask) | ((I)no & ~mask));
-}
-template <class F> AIMV2_INLINE F vmax(F a, F b) { return select(a < b, b, a); }
-template <class F> AIMV2_INLINE float lane_sum(F v) {
-  float t = 0.f;
-  for (int64_t j = 0; j < kLanes<F>; ++j) t += v[j];
-  return t;
-}
-
-// exp(x), Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n into the exponent.
-// 0 below -87.34 (where fp32 results turn subnormal), NaN for NaN.
-template <class F> AIMV2_INLINE F vexp(F x) {
-  using I = typename IntVec<F>::type;
-  const F lo = splat<F>(-87.33654f), hi = splat<F>(88.37626f);
-  const I under = x < lo;
-  F xc = select(under, lo, x);
-  xc = select(xc > hi, hi, xc);
-  const F n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest (|n| < 2^22)
-  F r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  F p = splat<F>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;  // 2^n, n in [-126, 127]
-  return (F)((I)(p * (F)bits) & ~under);
-}
+using simd::F4;
+using simd::F8;
+using simd::kLanes;
+using simd::lane_sum;
+using simd::load;
+using simd::splat;
+using simd::store;
+using simd::vexp;
+using simd::vmax;
 
 template <class F> AIMV2_INLINE float exp1(float x) { return vexp(splat<F>(x))[0]; }  // the tails use the same exp
 
@@ -203,21 +160,14 @@ template <class F> AIMV2_INLINE void affine_impl(const float* x, int64_t n, floa
 
 AIMV2_ROW_OPS(portable, F4, )
 #if defined(__x86_64__) || defined(__i386__)
-AIMV2_ROW_OPS(avx2, F8, __attribute__((target("avx2,fma"))))
+AIMV2_ROW_OPS(avx2, F8, AIMV2_TARGET_AVX2)
 #endif
 
-// AVX2+FMA where the CPU has it, unless AIMV2_CPU_SIMD=portable (read once; the tests use it to run the
-// fallback).
-bool portable_requested() {
-  const char* simd = std::getenv("AIMV2_CPU_SIMD");
-  return simd != nullptr && std::string_view(simd) == "portable";
-}
-
+// The AVX2+FMA build where simd::avx2_enabled() says so (csrc/cpu_simd.h: AIMV2_CPU_SIMD=portable forces the
+// portable one; the tests use it to run the fallback).
 const RowOps& row_ops() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool avx2 =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !portable_requested();
-  if (avx2) return avx2_ops;
+  if (simd::avx2_enabled()) return avx2_ops;
 #endif
   return portable_ops;
 }

@@ -9,14 +9,15 @@ import sys
 
 import pytest
 import torch
+from attention_cases import check_backend, check_never_visible_tiles_are_never_read
+from attention_cases import leaves64 as _leaves64
+from attention_cases import qkv as _qkv
+from attention_cases import run as _run
 
 from aimv2_kernels import prefix_attention
 from aimv2_kernels._backend import extension_available
 from aimv2_kernels.reference.attention import prefix_attention_reference
 from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens
-
-from attention_cases import (  # noqa: E402
-    check_backend, check_never_visible_tiles_are_never_read, leaves64 as _leaves64, qkv as _qkv, run as _run)
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="aimv2_kernels._C is not built")
 
@@ -112,11 +113,11 @@ def _has_avx2() -> bool:
 
 
 def test_baseline_isa_path(tmp_path):
-    """ATEN_CPU_CAPABILITY=default runs the kernels compiled for the baseline ISA; within budget too."""
+    """AIMV2_CPU_SIMD=portable runs the kernels compiled for the baseline ISA; within budget too."""
     q, k, v, do = (torch.randn(3, 2, 75, 64, dtype=torch.bfloat16) for _ in range(4))
     lens = torch.tensor([0, 75, 30])
     torch.save((q, k, v, do, lens), tmp_path / "inputs.pt")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    env = {**os.environ, "AIMV2_CPU_SIMD": "portable"}
     subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
                    env=env, check=True, timeout=120)
     lse, *baseline = torch.load(tmp_path / "out.pt")

@@ -85,7 +85,7 @@ def test_sentencepiece_not_installed(tmp_path, monkeypatch):
     model = tmp_path / "spiece.model"
     model.write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # makes `import sentencepiece` fail
-    with pytest.raises(ImportError, match="pip install sentencepiece"):
+    with pytest.raises(ImportError, match=r"SentencePieceTokenizer needs 'sentencepiece'.*aimv2-kernels\[train\]"):
         SentencePieceTokenizer(model)
 
 
@@ -140,3 +140,12 @@ def test_sentencepiece_options(sp_model):
         SentencePieceTokenizer(sp_model, pad_id=10_000)
     with pytest.raises(ValueError, match="context_length"):
         SentencePieceTokenizer(sp_model, context_length=0)
+
+
+def test_missing_train_extra_is_named(monkeypatch):
+    """Each optional package of the application layer fails with one message naming the 'train' extra."""
+    from aimv2._extras import require
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with pytest.raises(ImportError, match=r"aimv2-train's progress bar needs 'tqdm'.*\[train\]"):
+        require("tqdm.auto", "aimv2-train's progress bar")
+    assert require("json", "anything").dumps([]) == "[]"

@@ -10,7 +10,7 @@ from .._alloc import new_output
 from .._attention_op import define_attention_ops
 from . import DEVICE_TYPES, require_extension
 
-# What the CUDA kernels (csrc/cuda/prefix_attention.cu) implement; the CPU kernels take any D and fp32 too.
+# What the CUDA kernels (csrc/cuda/prefix_attention_fwd.cu, _bwd.cu) implement; the CPU kernels take any D and fp32 too.
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
 

@@ -1,4 +1,4 @@
-// Tile index math of the prefix-causal attention kernels (csrc/cuda/prefix_attention.cu).
+// Tile index math of the prefix-causal attention kernels (csrc/cuda/prefix_attention_fwd.cu, _bwd.cu).
 //
 // Pure integer functions, __host__ __device__, so they can be checked on the host against a brute-force mask.
 // Visibility rule: key j is visible to query i iff j <= i or j < M, where M is the prefix length prefix_lens[b]

@@ -1,10 +1,12 @@
 // CUDA implementations of aimv2::prefix_attention_forward_out / prefix_attention_backward_out (schemas in
-// csrc/ops.cpp / the CPU file): argument checks, layout fixes and the calls into csrc/cuda/prefix_attention.cu.
+// csrc/ops.cpp / the CPU file): argument checks, layout fixes, and the launchers' arguments (attn::Params in
+// prefix_attention_params.h) for csrc/cuda/prefix_attention_fwd.cu / prefix_attention_bwd.cu.
 //
 // Layout the kernels need (fixed up here with a copy when a tensor misses it): unit stride on D, 16-byte aligned
 // data pointer, and (B, H, S) strides that are multiples of 8 elements (so every row starts 16-byte aligned).
 // Permuted views of a fused qkv projection satisfy this and are passed through without copies.
 #include "glue.h"
+#include "prefix_attention_params.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -16,20 +18,6 @@
 #include <utility>
 
 namespace aimv2 {
-
-// csrc/cuda/prefix_attention.cu
-const char* prefix_attention_forward_cuda(int dtype, int B, int H, int S, int D, const void* q, int64_t q_sb,
-                                          int64_t q_sh, int64_t q_ss, const void* k, int64_t k_sb, int64_t k_sh,
-                                          int64_t k_ss, const void* v, int64_t v_sb, int64_t v_sh, int64_t v_ss,
-                                          const int* prefix, bool causal, float scale, void* out, float* lse,
-                                          void* stream);
-const char* prefix_attention_backward_cuda(int dtype, int B, int H, int S, int D, const void* dout, int64_t do_sb,
-                                           int64_t do_sh, int64_t do_ss, const void* q, int64_t q_sb, int64_t q_sh,
-                                           int64_t q_ss, const void* k, int64_t k_sb, int64_t k_sh, int64_t k_ss,
-                                           const void* v, int64_t v_sb, int64_t v_sh, int64_t v_ss, const void* o,
-                                           int64_t o_sb, int64_t o_sh, int64_t o_ss, const float* lse, float* delta,
-                                           const int* prefix, bool causal, float scale, void* grad_q,
-                                           void* grad_k, void* grad_v, void* stream);
 
 namespace {
 
@@ -101,12 +89,39 @@ const int* prefix_ptr(const at::Tensor& prefix) {
   return prefix.defined() ? prefix.const_data_ptr<int>() : nullptr;
 }
 
+// The launchers' arguments both passes share: shape, dtype, q, k, v, the prefix and the scale.
+attn::Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix,
+                         bool causal, double scale) {
+  attn::Params p{};
+  p.dtype = dtype_code(q.scalar_type());
+  p.B = static_cast<int>(q.size(0));
+  p.H = static_cast<int>(q.size(1));
+  p.S = static_cast<int>(q.size(2));
+  p.D = static_cast<int>(q.size(3));
+  p.q = q.const_data_ptr();
+  p.q_sb = q.stride(0);
+  p.q_sh = q.stride(1);
+  p.q_ss = q.stride(2);
+  p.k = k.const_data_ptr();
+  p.k_sb = k.stride(0);
+  p.k_sh = k.stride(1);
+  p.k_ss = k.stride(2);
+  p.v = v.const_data_ptr();
+  p.v_sb = v.stride(0);
+  p.v_sh = v.stride(1);
+  p.v_ss = v.stride(2);
+  p.prefix = prefix_ptr(prefix);
+  p.causal = causal;
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
 void prefix_attention_forward_out_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                        const std::optional<at::Tensor>& prefix_lens, bool causal, double scale,
                                        const at::Tensor& out, const at::Tensor& lse) {
   check_qkv(kFwd, q_in, k_in, v_in, scale);
   const c10::Device device = q_in.device();
-  const int64_t B = q_in.size(0), H = q_in.size(1), S = q_in.size(2), D = q_in.size(3);
+  const int64_t B = q_in.size(0), H = q_in.size(1), S = q_in.size(2);
   check_output(kFwd, "out", out, q_in.sizes(), q_in.scalar_type(), device);
   check_output(kFwd, "lse", lse, {B, H, S}, at::kFloat, device);
   if (out.numel() == 0) return;
@@ -114,12 +129,10 @@ void prefix_attention_forward_out_cuda(const at::Tensor& q_in, const at::Tensor&
   const at::Tensor prefix = prefix_arg(kFwd, prefix_lens, causal, q_in);
   const at::Tensor q = kernel_rows(q_in), k = kernel_rows(k_in), v = kernel_rows(v_in);
   const at::Tensor o = writable(out);
-  const char* err = prefix_attention_forward_cuda(
-      dtype_code(q.scalar_type()), static_cast<int>(B), static_cast<int>(H), static_cast<int>(S),
-      static_cast<int>(D), q.const_data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.const_data_ptr(),
-      k.stride(0), k.stride(1), k.stride(2), v.const_data_ptr(), v.stride(0), v.stride(1), v.stride(2),
-      prefix_ptr(prefix), causal, static_cast<float>(scale), o.mutable_data_ptr(), lse.mutable_data_ptr<float>(),
-      cuda_glue::current_stream(device));
+  attn::Params p = make_params(q, k, v, prefix, causal, scale);
+  p.out = o.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr<float>();
+  const char* err = prefix_attention_forward_cuda(p, cuda_glue::current_stream(device));
   cuda_glue::check_launch(kFwd, err);
   if (!o.is_same(out)) out.copy_(o);
 }
@@ -131,7 +144,7 @@ void prefix_attention_backward_out_cuda(const at::Tensor& grad_out_in, const at:
                                         const at::Tensor& grad_k, const at::Tensor& grad_v) {
   check_qkv(kBwd, q_in, k_in, v_in, scale);
   const c10::Device device = q_in.device();
-  const int64_t B = q_in.size(0), H = q_in.size(1), S = q_in.size(2), D = q_in.size(3);
+  const int64_t B = q_in.size(0), H = q_in.size(1), S = q_in.size(2);
   for (const auto& [name, t] :
        {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out_in}, {"out", out_in}}) {
     cuda_glue::check_on(kBwd, name, t, device);
@@ -154,14 +167,21 @@ void prefix_attention_backward_out_cuda(const at::Tensor& grad_out_in, const at:
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor delta = at::empty({B, H, S}, q.options().dtype(at::kFloat));
   const at::Tensor dq = writable(grad_q), dk = writable(grad_k), dv = writable(grad_v);
-  const char* err = prefix_attention_backward_cuda(
-      dtype_code(q.scalar_type()), static_cast<int>(B), static_cast<int>(H), static_cast<int>(S),
-      static_cast<int>(D), dout.const_data_ptr(), dout.stride(0), dout.stride(1), dout.stride(2),
-      q.const_data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.const_data_ptr(), k.stride(0), k.stride(1),
-      k.stride(2), v.const_data_ptr(), v.stride(0), v.stride(1), v.stride(2), o.const_data_ptr(), o.stride(0),
-      o.stride(1), o.stride(2), lse.const_data_ptr<float>(), delta.mutable_data_ptr<float>(), prefix_ptr(prefix),
-      causal, static_cast<float>(scale), dq.mutable_data_ptr(), dk.mutable_data_ptr(), dv.mutable_data_ptr(),
-      cuda_glue::current_stream(device));
+  attn::Params p = make_params(q, k, v, prefix, causal, scale);
+  p.dout = dout.const_data_ptr();
+  p.do_sb = dout.stride(0);
+  p.do_sh = dout.stride(1);
+  p.do_ss = dout.stride(2);
+  p.o = o.const_data_ptr();
+  p.o_sb = o.stride(0);
+  p.o_sh = o.stride(1);
+  p.o_ss = o.stride(2);
+  p.lse = const_cast<float*>(lse.const_data_ptr<float>());  // read only (Params has one lse for both passes)
+  p.delta = delta.mutable_data_ptr<float>();
+  p.dq = dq.mutable_data_ptr();
+  p.dk = dk.mutable_data_ptr();
+  p.dv = dv.mutable_data_ptr();
+  const char* err = prefix_attention_backward_cuda(p, cuda_glue::current_stream(device));
   cuda_glue::check_launch(kBwd, err);
   if (!dq.is_same(grad_q)) grad_q.copy_(dq);
   if (!dk.is_same(grad_k)) grad_k.copy_(dk);

@@ -1,14 +1,16 @@
 """Build the CPU-emulated CUDA kernels: csrc/cuda/*.cu compiled by g++ against the emulator in emu.h.
 
-One library per kernel file, in build/cuda_emulator/:
-  attention      prefix_attention.cu -> libemu_attn.so           (run_cases.py, mutants.py)
+One library per kernel, in build/cuda_emulator/:
+  attention      prefix_attention_mma.cuh, prefix_attention_fwd.cu, prefix_attention_bwd.cu
+                                     -> libemu_attn.so           (run_cases.py, mutants.py)
   patch_mse      patch_mse.cu        -> libemu_patch_mse.so      (run_patch_mse.py)
   cross_entropy  cross_entropy.cu    -> libemu_cross_entropy.so  (run_cross_entropy.py)
 
-The kernel sources are copied and only rewritten where CUDA syntax has no C++ meaning: the bodies of the
-attention kernel's PTX wrappers (exp2_approx, mma16816, the ldmatrix part of load_b_trans, cp_async16 / commit /
-wait), extern __shared__ arrays, <<<>>> launches, and uint4 accesses (which get an alignment check), also in
-common.cuh (load16 / store16), of which an emulator copy is generated. The kernel logic is untouched.
+The kernel sources are copied (the attention's helper header and its two .cu files into one generated file) and
+only rewritten where CUDA syntax has no C++ meaning: the bodies of the attention kernel's PTX wrappers
+(exp2_approx, mma16816, the ldmatrix part of load_b_trans, cp_async16 / commit / wait), extern __shared__ arrays,
+<<<>>> launches, and uint4 accesses (which get an alignment check), also in common.cuh (load16 / store16), of
+which an emulator copy is generated. The kernel logic is untouched.
 
     python tools/cuda_emulator/build.py [--kernel attention|patch_mse|cross_entropy|all] [--asan | --tsan |
         --fp32-mma] [--out PATH (one kernel only)]   (from the repository root)
@@ -67,9 +69,25 @@ def emulate_rows(src: str, n_vec: int, n_launch: int) -> str:
     return src
 
 
+def read_sources(cuda_dir: pathlib.Path, names: tuple[str, ...]) -> str:
+    """The files `names` as one translation unit, in order: their #include of one another and #pragma once go."""
+    parts = []
+    for name in names:
+        src = (cuda_dir / name).read_text()
+        if name.endswith((".cuh", ".h")):
+            assert src.count("#pragma once") == 1, name
+            src = src.replace("#pragma once", "")
+        for other in names:
+            src = src.replace(f'#include "{other}"\n', "")
+        parts.append(src)
+    return "\n".join(parts)
+
+
 def emulate(src: str, cuda_dir: pathlib.Path) -> str:
     src = include_emulator(src)
-    src = src.replace('#include "prefix_attention.cuh"', f'#include "{cuda_dir}/prefix_attention.cuh"')
+    for header in ("prefix_attention.cuh", "prefix_attention_params.h"):
+        assert src.count(f'#include "{header}"') == 1, header
+        src = src.replace(f'#include "{header}"', f'#include "{cuda_dir}/{header}"')
     # PTX wrappers -> emulated warp-collective / synchronous versions.
     src = replace_body(src, r"float exp2_approx\(float x\)", "  return emu::ex2_approx_ftz(x);")
     src = replace_body(src, r"void mma16816\(float \(&c\)\[4\]", "  emu::mma16816<T>(c, a, b0, b1);")
@@ -95,14 +113,45 @@ def emulate(src: str, cuda_dir: pathlib.Path) -> str:
 
 
 WRAP_ATTN = r"""
-// C entry points for ctypes (same arguments as the launchers).
+// C entry points for ctypes: the launchers' arguments one by one, into the aimv2::attn::Params the launchers take
+// (filled as csrc/cuda/prefix_attention_glue.cpp fills it).
+static aimv2::attn::Params emu_params(int dtype, int B, int H, int S, int D, const void* q, int64_t q_sb,
+                                      int64_t q_sh, int64_t q_ss, const void* k, int64_t k_sb, int64_t k_sh,
+                                      int64_t k_ss, const void* v, int64_t v_sb, int64_t v_sh, int64_t v_ss,
+                                      const int* prefix, int causal, float scale) {
+  aimv2::attn::Params p{};
+  p.dtype = dtype;
+  p.B = B;
+  p.H = H;
+  p.S = S;
+  p.D = D;
+  p.q = q;
+  p.q_sb = q_sb;
+  p.q_sh = q_sh;
+  p.q_ss = q_ss;
+  p.k = k;
+  p.k_sb = k_sb;
+  p.k_sh = k_sh;
+  p.k_ss = k_ss;
+  p.v = v;
+  p.v_sb = v_sb;
+  p.v_sh = v_sh;
+  p.v_ss = v_ss;
+  p.prefix = prefix;
+  p.causal = causal != 0;
+  p.scale = scale;
+  return p;
+}
 extern "C" {
 const char* emu_forward(int dtype, int B, int H, int S, int D, const void* q, int64_t q_sb, int64_t q_sh,
                         int64_t q_ss, const void* k, int64_t k_sb, int64_t k_sh, int64_t k_ss, const void* v,
                         int64_t v_sb, int64_t v_sh, int64_t v_ss, const int* prefix, int causal, float scale,
                         void* out, float* lse) {
-  return aimv2::prefix_attention_forward_cuda(dtype, B, H, S, D, q, q_sb, q_sh, q_ss, k, k_sb, k_sh, k_ss, v, v_sb,
-                                              v_sh, v_ss, prefix, causal != 0, scale, out, lse, nullptr);
+  aimv2::attn::Params p = emu_params(dtype, B, H, S, D, q, q_sb, q_sh, q_ss, k, k_sb, k_sh, k_ss, v, v_sb, v_sh,
+                                     v_ss, prefix, causal, scale);
+  p.out = out;
+  p.lse = lse;
+  return aimv2::prefix_attention_forward_cuda(p, nullptr);
 }
 const char* emu_backward(int dtype, int B, int H, int S, int D, const void* dout, int64_t do_sb, int64_t do_sh,
                          int64_t do_ss, const void* q, int64_t q_sb, int64_t q_sh, int64_t q_ss, const void* k,
@@ -110,9 +159,22 @@ const char* emu_backward(int dtype, int B, int H, int S, int D, const void* dout
                          int64_t v_ss, const void* o, int64_t o_sb, int64_t o_sh, int64_t o_ss, const float* lse,
                          float* delta, const int* prefix, int causal, float scale, void* grad_q, void* grad_k,
                          void* grad_v) {
-  return aimv2::prefix_attention_backward_cuda(dtype, B, H, S, D, dout, do_sb, do_sh, do_ss, q, q_sb, q_sh, q_ss, k,
-                                               k_sb, k_sh, k_ss, v, v_sb, v_sh, v_ss, o, o_sb, o_sh, o_ss, lse,
-                                               delta, prefix, causal != 0, scale, grad_q, grad_k, grad_v, nullptr);
+  aimv2::attn::Params p = emu_params(dtype, B, H, S, D, q, q_sb, q_sh, q_ss, k, k_sb, k_sh, k_ss, v, v_sb, v_sh,
+                                     v_ss, prefix, causal, scale);
+  p.dout = dout;
+  p.do_sb = do_sb;
+  p.do_sh = do_sh;
+  p.do_ss = do_ss;
+  p.o = o;
+  p.o_sb = o_sb;
+  p.o_sh = o_sh;
+  p.o_ss = o_ss;
+  p.lse = const_cast<float*>(lse);
+  p.delta = delta;
+  p.dq = grad_q;
+  p.dk = grad_k;
+  p.dv = grad_v;
+  return aimv2::prefix_attention_backward_cuda(p, nullptr);
 }
 long emu_launches() { return emu::launches; }
 long emu_mmas() { return emu::mma_count; }
@@ -157,26 +219,28 @@ long emu_launches() { return emu::launches; }
 }
 """
 
-# kernel -> (source file, library, generated source, emulate(src), entry points)
+# kernel -> (source files, one translation unit in this order; library, generated source, emulate(src), entry points)
 KERNELS = {
-    "attention": ("prefix_attention.cu", "libemu_attn.so", "prefix_attention_emu.cpp", None, WRAP_ATTN),
-    "patch_mse": ("patch_mse.cu", "libemu_patch_mse.so", "patch_mse_emu.cpp",
+    "attention": (("prefix_attention_mma.cuh", "prefix_attention_fwd.cu", "prefix_attention_bwd.cu"),
+                  "libemu_attn.so", "prefix_attention_emu.cpp", None, WRAP_ATTN),
+    "patch_mse": (("patch_mse.cu",), "libemu_patch_mse.so", "patch_mse_emu.cpp",
                   lambda s: emulate_rows(s, n_vec=0, n_launch=4), WRAP_PATCH_MSE),
-    "cross_entropy": ("cross_entropy.cu", "libemu_cross_entropy.so", "cross_entropy_emu.cpp",
+    "cross_entropy": (("cross_entropy.cu",), "libemu_cross_entropy.so", "cross_entropy_emu.cpp",
                       lambda s: emulate_rows(s, n_vec=2, n_launch=1), WRAP_CROSS_ENTROPY),
 }
 
 
 def cuda_include() -> str:
-    for cand in ["/usr/local/cuda/include", "/usr/local/cuda-13.0/include", "/usr/local/cuda/targets/x86_64-linux/include"]:
+    for cand in ["/usr/local/cuda/include", "/usr/local/cuda-13.0/include",
+                 "/usr/local/cuda/targets/x86_64-linux/include"]:
         if pathlib.Path(cand, "cuda_runtime.h").exists():
             return cand
     return "/usr/local/cuda/include"
 
 
 def build(kernel: str, cuda_dir: pathlib.Path, out: str, args) -> None:
-    src_name, _, gen_name, fn, wrap = KERNELS[kernel]
-    src = (cuda_dir / src_name).read_text()
+    src_names, _, gen_name, fn, wrap = KERNELS[kernel]
+    src = read_sources(cuda_dir, src_names)
     src = emulate(src, cuda_dir) if fn is None else fn(src)
     gen = OUT_DIR / gen_name
     gen.write_text(src + wrap)

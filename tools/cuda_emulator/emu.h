@@ -1,5 +1,5 @@
-// emu.h: CPU emulation of the CUDA features used by csrc/cuda/prefix_attention.cu, patch_mse.cu and
-// cross_entropy.cu.
+// emu.h: CPU emulation of the CUDA features used by csrc/cuda/prefix_attention_fwd.cu, prefix_attention_bwd.cu
+// (with prefix_attention_mma.cuh), patch_mse.cu and cross_entropy.cu.
 //
 // Execution model: every CUDA thread of a block is one std::thread; blocks run one after another (grid in
 // x-major order). __syncthreads is a std::barrier over the block; every warp has its own std::barrier, used by

@@ -16,10 +16,13 @@ PY = sys.executable
 
 MUTANTS = {
     # ldmatrix addressing: the two 8-row halves of the 16 x 16 block swapped.
-    "ldmatrix_rows": ("((lane >> 3) & 1) * 8) * LD + n0 + (lane >> 4) * 8", "((lane >> 4) & 1) * 8) * LD + n0 + ((lane >> 3) & 1) * 8"),
+    "ldmatrix_rows": ("((lane >> 3) & 1) * 8) * LD + n0 + (lane >> 4) * 8",
+                      "((lane >> 4) & 1) * 8) * LD + n0 + ((lane >> 3) & 1) * 8"),
     # P reused as the A operand with registers 1 and 2 swapped.
-    "acc_to_a": ("  a[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);\n  a[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);",
-                 "  a[2] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);\n  a[1] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);"),
+    "acc_to_a": ("  a[1] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);\n"
+                 "  a[2] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);",
+                 "  a[2] = pack2<T>(x[2 * kk][2], x[2 * kk][3]);\n"
+                 "  a[1] = pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]);"),
     # Query tiles ignore the prefix when choosing the keys to load.
     "key_end": ("return imin(S, imax(m0 + bm, M));", "return imin(S, m0 + bm);"),
     # Fully-visible test off by one (a tile whose last key is one past the prefix runs unmasked).
@@ -60,7 +63,7 @@ def main():
                                capture_output=True, text=True)
             if r.returncode != 0:
                 caught = True
-                first = next((l for l in r.stdout.splitlines() if l.startswith("[FAIL]")), r.stderr[-300:])
+                first = next((ln for ln in r.stdout.splitlines() if ln.startswith("[FAIL]")), r.stderr[-300:])
                 print(f"mutant {name}: caught by '{case}': {first[:200]}", flush=True)
                 break
         if not caught:

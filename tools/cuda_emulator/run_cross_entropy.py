@@ -98,7 +98,8 @@ def oracle(x, t, ls, z, gs):
 def check_grad(res, key, got, ref, orc, dtype):
     res[key + "_budget"] = budget(got, ref, orc, GRADIENT_K, key)
     res[key + "_ulps"] = ulps(got, ref, dtype)
-    assert res[key + "_ulps"] <= GRAD_ULPS.get(dtype, float("inf")), f"{key}: {res[key + '_ulps']:.3g} ulps from the CPU op"
+    assert res[key + "_ulps"] <= GRAD_ULPS.get(dtype, float("inf")), \
+        f"{key}: {res[key + '_ulps']:.3g} ulps from the CPU op"
 
 
 def run_case(x, t, ls, z, gs, layout, dtype):

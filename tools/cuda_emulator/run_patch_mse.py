@@ -182,7 +182,8 @@ def main() -> int:
                     failures.append(f"{name} {what}")
                     print(f"[FAIL] {name} {what}: {e}", flush=True)
                 checks += 1
-    print("worst (budget: fraction of the oracle budget used; ulps: distance from the CPU op):", {f"{d} {k}": f"{v:.3g}" for (d, k), v in sorted(worst.items())})
+    print("worst (budget: fraction of the oracle budget used; ulps: distance from the CPU op):",
+          {f"{d} {k}": f"{v:.3g}" for (d, k), v in sorted(worst.items())})
     print("(image_vec, pred_vec) paths exercised:", sorted(paths))
     print(f"{checks - len(failures)}/{checks} passed, {lib.emu_launches()} launches, {time.time() - t0:.0f} s")
     return 1 if failures else 0
