@@ -5,6 +5,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._alloc import new_output
+
 
 def mean_scale(targets: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(count, 1/count)`` on the device, fp32 ``(1,)``; count = non-ignored targets, at least 1 (no sync)."""
@@ -48,19 +50,21 @@ def scale_saved_gradient(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -
     return scaled(x, g, dtype)
 
 
-# forward(logits, targets, ignore_index, label_smoothing, z_loss) -> (rows, lse): fp32 (N,) per-row losses (0 where
-# ignored) and the (N,) row logsumexp in ``lse_dtype``.
-# gradient(logits, targets, lse, ignore_index, label_smoothing, z_loss, scale) -> d rows / d logits times ``scale``
-# (fp32, (1,) or (N,)), logits' shape and dtype, rounded once.
-RowsLauncher = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
-GradLauncher = Callable[..., torch.Tensor]
+# rows(logits, targets, *, ignore_index, label_smoothing, z_loss, loss_rows, lse, saved_lse, grad, scale) -> None: a
+# backend's row kernel. For (n, V) logits and (n,) targets it writes the fp32 per-row losses into ``loss_rows`` (0
+# where ignored) and the row logsumexp into ``lse`` (each None: not stored), or, given ``saved_lse`` (then both are
+# None), skips that pass; with ``grad`` (``logits`` itself: in place) it writes d loss_r / d logits_r times
+# ``scale`` (None, or fp32 ``(1,)`` or ``(n,)``), rounded once to the logits' dtype. Shared with
+# :mod:`._linear_cross_entropy_op`.
+RowKernel = Callable[..., None]
 
 
-def define_cross_entropy_ops(name: str, forward: RowsLauncher, gradient: GradLauncher, lse_dtype: torch.dtype,
+def define_cross_entropy_ops(name: str, rows: RowKernel, lse_dtype: torch.dtype,
                              device_types: Union[str, Sequence[str], None] = None,
                              ) -> Tuple[torch.library.CustomOpDef, torch.library.CustomOpDef]:
     """Register ``aimv2::<name>`` (``(loss, lse)`` of ``(N, V)`` logits and ``(N,)`` targets) and
-    ``aimv2::<name>_backward`` with fake implementations and autograd. Returns ``(op, backward_op)``.
+    ``aimv2::<name>_backward`` with fake implementations and autograd over the backend's row kernel ``rows``
+    (:data:`RowKernel`), whose log-sum-exp comes in ``lse_dtype``. Returns ``(op, backward_op)``.
 
     NOTE: the gradient is written by a second launch in the backward (from the saved lse, with grad_output and
     1/count folded into its one rounding), not saved by the forward and scaled afterwards. Measured on the CPU
@@ -74,16 +78,22 @@ def define_cross_entropy_ops(name: str, forward: RowsLauncher, gradient: GradLau
            reduction: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(loss, lse)``: fp32 loss (``()``, or ``(N,)`` for "none") and the ``(N,)`` row logsumexp that the
         backward reuses. Differentiable w.r.t. ``logits``."""
-        rows, lse = forward(logits, targets, ignore_index, label_smoothing, z_loss)
+        loss_rows = new_output(targets.shape, dtype=torch.float32, device=logits.device)
+        lse = new_output(targets.shape, dtype=lse_dtype, device=logits.device)
+        rows(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+             loss_rows=loss_rows, lse=lse, saved_lse=None, grad=None, scale=None)
         count = mean_scale(targets, ignore_index)[0] if reduction == "mean" else None
-        return reduce_rows(rows, reduction, count), lse
+        return reduce_rows(loss_rows, reduction, count), lse
 
     @torch.library.custom_op(f"aimv2::{name}_backward", mutates_args=(), device_types=device_types)
     def backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                     ignore_index: int, label_smoothing: float, z_loss: float, reduction: str) -> torch.Tensor:
         """d(loss)/d(logits) times ``grad_loss`` (``()``, or ``(N,)`` for "none"): logits' shape and dtype."""
-        scale = grad_scale(grad_loss, reduction, targets, ignore_index)
-        return gradient(logits, targets, lse, ignore_index, label_smoothing, z_loss, scale)
+        grad = new_output(logits.shape, dtype=logits.dtype, device=logits.device)
+        rows(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+             loss_rows=None, lse=None, saved_lse=lse, grad=grad,
+             scale=grad_scale(grad_loss, reduction, targets, ignore_index))
+        return grad
 
     @op.register_fake
     def _(logits, targets, ignore_index, label_smoothing, z_loss, reduction):

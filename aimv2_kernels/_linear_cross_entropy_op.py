@@ -19,13 +19,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from ._alloc import new_output
-from ._cross_entropy_op import grad_scale, mean_scale, reduce_rows, scale_saved_gradient
-
-# rows(logits, targets, *, ignore_index, label_smoothing, z_loss, loss_rows, lse, saved_lse, grad, scale) -> None:
-# for (n, V) logits and (n,) targets, writes the fp32 per-row losses into ``loss_rows`` and the row logsumexp into
-# ``lse`` (each None: not stored), or, given ``saved_lse``, skips that pass; with ``grad`` (``logits`` itself:
-# in place) writes d loss_r / d logits_r times ``scale`` (None, or fp32 ``(1,)`` or ``(n,)``), rounded once.
-RowKernel = Callable[..., None]
+from ._cross_entropy_op import RowKernel, grad_scale, mean_scale, reduce_rows, scale_saved_gradient
 
 
 def chunk_rows(n_tokens: int, vocab: int, elements: int, chunk_size: Optional[int] = None) -> int:

@@ -145,7 +145,8 @@ def test_sentencepiece_options(sp_model):
 def test_missing_train_extra_is_named(monkeypatch):
     """Each optional package of the application layer fails with one message naming the 'train' extra."""
     from aimv2._extras import require
-    monkeypatch.setitem(sys.modules, "tqdm", None)
+    for name in ("tqdm", "tqdm.auto"):  # None in sys.modules makes the import fail, even of one already loaded
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"aimv2-train's progress bar needs 'tqdm'.*\[train\]"):
         require("tqdm.auto", "aimv2-train's progress bar")
     assert require("json", "anything").dumps([]) == "[]"

@@ -7,7 +7,6 @@ from typing import Optional
 
 import torch
 
-from .._alloc import new_output
 from .._cross_entropy_op import define_cross_entropy_ops, flat_cross_entropy
 from . import DEVICE_TYPES, require_extension
 
@@ -39,24 +38,10 @@ def ce_rows(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int, l
         torch.ops.aimv2.cross_entropy_rows_out(logits, *args, grad)
 
 
-def _forward(logits, targets, ignore_index, label_smoothing, z_loss):
-    rows = new_output(targets.shape, dtype=torch.float32, device=logits.device)
-    lse = new_output(targets.shape, dtype=torch.float64, device=logits.device)
-    ce_rows(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            loss_rows=rows, lse=lse)
-    return rows, lse
-
-
-def _gradient(logits, targets, lse, ignore_index, label_smoothing, z_loss, scale):
-    grad = new_output(logits.shape, dtype=logits.dtype, device=logits.device)
-    ce_rows(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            saved_lse=lse, grad=grad, scale=scale)
-    return grad
-
-
 # lse in float64: see ce_rows.
+# ce_rows is the shared row-kernel interface (aimv2_kernels._cross_entropy_op.RowKernel) as it is.
 cross_entropy_op, cross_entropy_backward_op = define_cross_entropy_ops(
-    "compiled_cross_entropy", _forward, _gradient, torch.float64, device_types=DEVICE_TYPES)
+    "compiled_cross_entropy", ce_rows, torch.float64, device_types=DEVICE_TYPES)
 
 
 def cross_entropy_compiled(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,

@@ -22,22 +22,21 @@ import triton.language as tl
 
 from .._alloc import new_output
 from .attention_forward import (
-    INTERPRET_CONFIGS,
     LOG2E,
     _load_rows,
+    _load_tile_pair,
+    _query_tile,
     _round,
-    _rows,
+    _row_sources,
     _visible,
-    attention_rule,
     device_guard,
     dot_args,
-    make_configs,
     prefix_arg,
     prepare_inputs,
     tma_scratch,
+    tuned_attention,
     use_tma,
 )
-from .tuning import tuned
 
 _DELTA_BLOCK = 64
 
@@ -71,18 +70,8 @@ def _dkdv_tiles(dk, dv, k, v, q_src, do_src, lse_ptr, delta_ptr, start, end, off
     """
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        if TMA:  # rows past the sequence come back as zeros
-            qT = tl.trans(q_src.load([start_m, 0]))
-            do = do_src.load([start_m, 0])
-        else:
-            qT_ptrs = q_src + rows[None, :] * stride_qs + offs_d[:, None]
-            do_ptrs = do_src + rows[:, None] * stride_dos + offs_d[None, :]
-            if MASKED:
-                qT = tl.load(qT_ptrs, mask=rows[None, :] < seq_len, other=0.0)
-                do = tl.load(do_ptrs, mask=rows[:, None] < seq_len, other=0.0)
-            else:
-                qT = tl.load(qT_ptrs)
-                do = tl.load(do_ptrs)
+        qT, do = _load_tile_pair(q_src, do_src, start_m, offs_m, offs_d, seq_len, stride_qs, stride_dos, MASKED, TMA,
+                                 False)
         if MASKED:
             lse2 = tl.load(lse_ptr + rows, mask=rows < seq_len, other=0.0)
             delta = tl.load(delta_ptr + rows, mask=rows < seq_len, other=0.0)
@@ -122,25 +111,21 @@ _DKDV_TILES = [(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)
 # with 8 warps also stayed clean, but at up to 186 registers (Triton 3.9, sm_90a, D = 128); 32 x 32 tiles spill
 # there (8 warps: 1048 B with Triton 3.6, 972 B with 3.9).
 _DKDV_TILES_FP32 = [(16, 16, 4, 1)]
-# Tiles that spill, by (sm_90+, element bytes, D class): worst spill stores over the masking modes and
-# fp16/bf16, Triton 3.6 / 3.9, bytes (sm_90+: the TMA path, sm_80: pointers). With pointer loads on sm_90a,
-# (64, 64, 8, 3) and (32, 128, 8, 2) spilled too (0 / 96 and 0 / 12 B).
+# Tiles that spill, by (sm_90+, element bytes, D class). Worst spill stores over the masking modes and fp16/bf16,
+# Triton 3.6 / 3.9, in bytes (sm_90+: the TMA path; sm_80: pointers; with pointer loads on sm_90a, (64, 64, 8, 3)
+# and (32, 128, 8, 2) spilled too, 0 / 96 and 0 / 12 B):
+#   sm_90a, D = 128: (64, 128, 8, 2) 24 / 68 at 255 registers;
+#   sm_80, D = 128: (64, 128, 8, 2) 5188 / 5252; (32, 128, 8, 3) 9300 / 9436; (32, 128, 8, 2) 9268 / 9528;
+#     (32, 64, 4, 3) 0 / 16 (255 registers);
+#   sm_80, D = 64: (64, 128, 8, 2) 0 / 16 (255 registers); (64, 64, 8, 3) 24 / 8; (32, 128, 8, 2) 0 / 4.
 _DKDV_SPILLS = {
-    (True, 2, 128): {(64, 128, 8, 2)},  # 24 / 68 at 255 registers
-    (False, 2, 128): {(64, 128, 8, 2),  # 5188 / 5252
-                      (32, 128, 8, 3),  # 9300 / 9436
-                      (32, 128, 8, 2),  # 9268 / 9528
-                      (32, 64, 4, 3)},  # 0 / 16 (255 registers)
-    (False, 2, 64): {(64, 128, 8, 2),  # 0 / 16 (255 registers)
-                     (64, 64, 8, 3),  # 24 / 8
-                     (32, 128, 8, 2)},  # 0 / 4
+    (True, 2, 128): {(64, 128, 8, 2)},
+    (False, 2, 128): {(64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3)},
+    (False, 2, 64): {(64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2)},
 }
-DKDV_CONFIGS = make_configs(_DKDV_TILES + _DKDV_TILES_FP32)
 
 
-@tuned("attn_bwd_dkdv", DKDV_CONFIGS, attention_rule(_dkdv_smem, _DKDV_TILES_FP32, _DKDV_SPILLS),
-       interpret_configs=INTERPRET_CONFIGS,
-       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "TMA"])
+@tuned_attention("attn_bwd_dkdv", _DKDV_TILES, _DKDV_TILES_FP32, _DKDV_SPILLS, _dkdv_smem)
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -176,13 +161,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     keys = offs_n[:, None] < S
-    k_src = _rows(K, b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
-    v_src = _rows(V, b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
+    k_src, v_src = _row_sources(K, V, b * stride_kb + h * stride_kh, b * stride_vb + h * stride_vh, S, stride_ks,
+                                stride_vs, BLOCK_N, HEAD_DIM, TMA)
     k = _load_rows(k_src, n0, offs_n, offs_d, S, stride_ks, TMA).to(DOT_DTYPE)
     v = _load_rows(v_src, n0, offs_n, offs_d, S, stride_vs, TMA).to(DOT_DTYPE)
     # Descriptors or scalar bases; the loops form each tile's addresses (see _attn_fwd_kernel).
-    q_src = _rows(Q, b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
-    do_src = _rows(DO, b * stride_dob + h * stride_doh, S, stride_dos, BLOCK_M, HEAD_DIM, TMA)
+    q_src, do_src = _row_sources(Q, DO, b * stride_qb + h * stride_qh, b * stride_dob + h * stride_doh, S,
+                                 stride_qs, stride_dos, BLOCK_M, HEAD_DIM, TMA)
     lse_ptr = LSE + pid_bh * S
     delta_ptr = DELTA + pid_bh * S
 
@@ -211,18 +196,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_src, v_src, start, end, offs_m, offs_n, 
     ``k_src``/``v_src`` as in :func:`_dkdv_tiles`."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        if TMA:  # rows past the sequence come back as zeros
-            kT = tl.trans(k_src.load([start_n, 0]))
-            vT = tl.trans(v_src.load([start_n, 0]))
-        else:
-            kT_ptrs = k_src + cols[None, :] * stride_ks + offs_d[:, None]
-            vT_ptrs = v_src + cols[None, :] * stride_vs + offs_d[:, None]
-            if MASKED:
-                kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
-                vT = tl.load(vT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
-            else:
-                kT = tl.load(kT_ptrs)
-                vT = tl.load(vT_ptrs)
+        kT, vT = _load_tile_pair(k_src, v_src, start_n, offs_n, offs_d, seq_len, stride_ks, stride_vs, MASKED, TMA,
+                                 True)
         kT_dot = kT.to(DOT_DTYPE)
         qk = tl.dot(q, kT_dot, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -247,20 +222,17 @@ _DQ_TILES = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)]
 # 74-118 registers, also fits but compiles twice as long; 32 x 32 with 8 warps spilled 824 B on sm_90a at
 # D = 128 with Triton 3.9).
 _DQ_TILES_FP32 = [(16, 16, 4, 2)]
-# Tiles that spill (sm_90a, TMA: none; 126-183 registers at D = 128), by (sm_90+, element bytes, D class):
-# worst spill stores over the masking modes and fp16/bf16, Triton 3.6 / 3.9, bytes.
+# Tiles that spill (sm_90a, TMA: none; 126-183 registers at D = 128), by (sm_90+, element bytes, D class). Worst
+# spill stores over the masking modes and fp16/bf16, Triton 3.6 / 3.9, in bytes:
+#   sm_80, D = 128: (128, 64, 8, 2) 412 / 388; (128, 32, 8, 3) 40 / 36;
+#   sm_80, D = 64: (128, 64, 8, 2) 32 / 60; (64, 64, 8, 3) 44 / 80.
 _DQ_SPILLS = {
-    (False, 2, 128): {(128, 64, 8, 2),  # 412 / 388
-                      (128, 32, 8, 3)},  # 40 / 36
-    (False, 2, 64): {(128, 64, 8, 2),  # 32 / 60
-                     (64, 64, 8, 3)},  # 44 / 80
+    (False, 2, 128): {(128, 64, 8, 2), (128, 32, 8, 3)},
+    (False, 2, 64): {(128, 64, 8, 2), (64, 64, 8, 3)},
 }
-DQ_CONFIGS = make_configs(_DQ_TILES + _DQ_TILES_FP32)
 
 
-@tuned("attn_bwd_dq", DQ_CONFIGS, attention_rule(_dq_smem, _DQ_TILES_FP32, _DQ_SPILLS),
-       interpret_configs=INTERPRET_CONFIGS,
-       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "TMA"])
+@tuned_attention("attn_bwd_dq", _DQ_TILES, _DQ_TILES_FP32, _DQ_SPILLS, _dq_smem)
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
                         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -271,35 +243,22 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX,
                         TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query tile: grid ``(cdiv(S, BLOCK_M), B * H)``, the key range and the longest-first order
     of the forward kernel."""
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = tl.load(PREFIX + b).to(tl.int32)
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(m0 + BLOCK_M, prefix), S)
-        full_end = (tl.maximum(m0 + 1, prefix) // BLOCK_N) * BLOCK_N
-    else:
-        hi = S
-        full_end = (S // BLOCK_N) * BLOCK_N
-    if ALL_MASKED:
-        full_end = 0
+    pid_bh, b, h, m0, prefix, hi, full_end = _query_tile(PREFIX, H, S, BLOCK_M, BLOCK_N, CAUSAL, HAS_PREFIX,
+                                                         ALL_MASKED)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < S
-    q_src = _rows(Q, b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
-    do_src = _rows(DO, b * stride_dob + h * stride_doh, S, stride_dos, BLOCK_M, HEAD_DIM, TMA)
+    q_src, do_src = _row_sources(Q, DO, b * stride_qb + h * stride_qh, b * stride_dob + h * stride_doh, S,
+                                 stride_qs, stride_dos, BLOCK_M, HEAD_DIM, TMA)
     q = _load_rows(q_src, m0, offs_m, offs_d, S, stride_qs, TMA).to(DOT_DTYPE)
     do = _load_rows(do_src, m0, offs_m, offs_d, S, stride_dos, TMA).to(DOT_DTYPE)
     lse2 = tl.load(LSE + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
     delta = tl.load(DELTA + pid_bh * S + offs_m, mask=offs_m < S, other=0.0)
     # Descriptors or scalar bases (see _attn_fwd_kernel)
-    k_src = _rows(K, b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
-    v_src = _rows(V, b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
+    k_src, v_src = _row_sources(K, V, b * stride_kb + h * stride_kh, b * stride_vb + h * stride_vh, S, stride_ks,
+                                stride_vs, BLOCK_N, HEAD_DIM, TMA)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_src, v_src, 0, full_end, offs_m, offs_n, offs_d, prefix, S,

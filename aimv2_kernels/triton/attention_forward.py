@@ -80,6 +80,15 @@ def attention_rule(estimate: Callable[[triton.Config, int, int], int],
     return rule
 
 
+def tuned_attention(name: str, tiles: list, fp32_tiles: list, spills: dict,
+                    smem: Callable[[triton.Config, int, int], int]) -> Callable:
+    """:func:`.tuning.tuned` for an attention kernel: configs from ``tiles`` (fp16/bf16) and ``fp32_tiles``, the
+    :func:`attention_rule` over ``spills`` and the shared-memory estimate ``smem``, one small config under the
+    interpreter, one tuning per (S, HEAD_DIM, CAUSAL, HAS_PREFIX, TMA) and input dtypes."""
+    return tuned(name, make_configs(list(tiles) + list(fp32_tiles)), attention_rule(smem, fp32_tiles, spills),
+                 interpret_configs=INTERPRET_CONFIGS, key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "TMA"])
+
+
 def dot_args(dtype: torch.dtype) -> dict:
     """The kernels' ``DOT_DTYPE`` (operand type of every ``tl.dot``) and ``DOT_PRECISION``.
 
@@ -228,6 +237,38 @@ def _rows(base, offset, rows, stride_rows, BLOCK: tl.constexpr, HEAD_DIM: tl.con
 
 
 @triton.jit
+def _row_sources(A, B, a_offset, b_offset, rows, stride_a, stride_b, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 TMA: tl.constexpr):
+    """:func:`_rows` of two matrices of one (batch, head) with the same block: ``(a_src, b_src)``."""
+    return (_rows(A, a_offset, rows, stride_a, BLOCK, HEAD_DIM, TMA),
+            _rows(B, b_offset, rows, stride_b, BLOCK, HEAD_DIM, TMA))
+
+
+@triton.jit
+def _query_tile(PREFIX, H, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                HAS_PREFIX: tl.constexpr, ALL_MASKED: tl.constexpr):
+    """The query tile of this program and the keys it visits (forward and dQ): ``(pid_bh, b, h, m0, prefix, hi,
+    full_end)``. Program 0 takes the last query tile (longest first, see :func:`_attn_fwd_kernel`); keys
+    ``[0, full_end)`` need no mask, ``[full_end, hi)`` do, the rest is never visible."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.load(PREFIX + b).to(tl.int32)
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M, prefix), S)
+        full_end = (tl.maximum(m0 + 1, prefix) // BLOCK_N) * BLOCK_N
+    else:
+        hi = S
+        full_end = (S // BLOCK_N) * BLOCK_N
+    if ALL_MASKED:  # testing aid: send every tile through the masked path
+        full_end = 0
+    return pid_bh, b, h, m0, prefix, hi, full_end
+
+
+@triton.jit
 def _load_rows(src, start, offs, offs_d, rows, stride_rows, TMA: tl.constexpr):
     """Rows ``start + offs`` of a :func:`_rows` matrix, zeros at and past ``rows``: ``(len(offs), HEAD_DIM)``."""
     if TMA:
@@ -246,6 +287,36 @@ def _store_rows(dst, value, start, offs, offs_d, rows, stride_rows, TMA: tl.cons
 
 
 @triton.jit
+def _load_tile_pair(a_src, b_src, start, offs, offs_d, rows, stride_a, stride_b, MASKED: tl.constexpr,
+                    TMA: tl.constexpr, B_TRANSPOSED: tl.constexpr):
+    """Rows ``start + offs`` of two :func:`_rows` matrices, as the loops consume them: the first transposed
+    ``(HEAD_DIM, n)``, the second ``(n, HEAD_DIM)`` (transposed too with ``B_TRANSPOSED``). Rows at and past
+    ``rows`` read as zeros (descriptors: always; pointers: with ``MASKED``, which the callers set on every tile
+    that may reach past the sequence)."""
+    if TMA:
+        a_t = tl.trans(a_src.load([start, 0]))
+        b = b_src.load([start, 0])
+        if B_TRANSPOSED:
+            b = tl.trans(b)
+    else:
+        idx = start + offs
+        a_ptrs = a_src + idx[None, :] * stride_a + offs_d[:, None]
+        if B_TRANSPOSED:
+            b_ptrs = b_src + idx[None, :] * stride_b + offs_d[:, None]
+            b_inside = idx[None, :] < rows
+        else:
+            b_ptrs = b_src + idx[:, None] * stride_b + offs_d[None, :]
+            b_inside = idx[:, None] < rows
+        if MASKED:
+            a_t = tl.load(a_ptrs, mask=idx[None, :] < rows, other=0.0)
+            b = tl.load(b_ptrs, mask=b_inside, other=0.0)
+        else:
+            a_t = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+    return a_t, b
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, start, end, offs_m, offs_n, offs_d, prefix, seq_len,
                stride_ks, stride_vs, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr):
@@ -257,18 +328,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, start, end, offs_m, offs_n, offs_
     """
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        if TMA:  # descriptor loads: rows past the sequence come back as zeros
-            kT = tl.trans(k_src.load([start_n, 0]))
-            v = v_src.load([start_n, 0])
-        else:
-            kT_ptrs = k_src + cols[None, :] * stride_ks + offs_d[:, None]
-            v_ptrs = v_src + cols[:, None] * stride_vs + offs_d[None, :]
-            if MASKED:
-                kT = tl.load(kT_ptrs, mask=cols[None, :] < seq_len, other=0.0)
-                v = tl.load(v_ptrs, mask=cols[:, None] < seq_len, other=0.0)
-            else:
-                kT = tl.load(kT_ptrs)
-                v = tl.load(v_ptrs)
+        kT, v = _load_tile_pair(k_src, v_src, start_n, offs_n, offs_d, seq_len, stride_ks, stride_vs, MASKED, TMA,
+                                False)
         qk = tl.dot(q, kT.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             qk = tl.where(_visible(offs_m[:, None], cols[None, :], prefix, seq_len, CAUSAL), qk, float("-inf"))
@@ -312,22 +373,20 @@ _FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)
 # both versions. Larger fp32 tiles spill kilobytes (64 x 64 with 8 warps: 67760 B on sm_90a at D = 128, Triton
 # 3.6); 16 x 64 spilled with Triton 3.9 on sm_80, 32 x 32 on sm_90a, both at D = 128.
 _FWD_TILES_FP32 = [(32, 64, 8, 1)]
-# Tiles that spill registers, by (sm_90+, element bytes, D class): worst spill stores over the masking modes
-# and fp16/bf16 with Triton 3.6 / 3.9, in bytes (sm_90+: the TMA path; sm_80: pointers).
+# Tiles that spill registers, by (sm_90+, element bytes, D class). Worst spill stores over the masking modes and
+# fp16/bf16, Triton 3.6 / 3.9, in bytes (sm_90+: the TMA path; sm_80: pointers):
+#   sm_90a, D = 128: (128, 64, 4, 3) 108 / 16 at 255 registers (with 8 warps: 144-168 registers, no spill);
+#   sm_80, D = 128: (128, 64, 4, 3) 400 / 464; (128, 64, 8, 3) 0 / 28 (226-255 registers); (128, 128, 8, 2)
+#     20 / 64 (also above sm_80's shared memory by the estimate);
+#   sm_80, D = 64: (128, 64, 4, 3) 12 / 20; (128, 128, 8, 2) 4 / 4 (since the longest-first grid order; 0 before).
 _FWD_SPILLS = {
-    (True, 2, 128): {(128, 64, 4, 3)},  # 108 / 16 at 255 registers (8 warps: 144-168 registers, no spill)
-    (False, 2, 128): {(128, 64, 4, 3),  # 400 / 464
-                      (128, 64, 8, 3),  # 0 / 28 (226-255 registers)
-                      (128, 128, 8, 2)},  # 20 / 64 (also above sm_80's shared memory by the estimate)
-    (False, 2, 64): {(128, 64, 4, 3),  # 12 / 20
-                     (128, 128, 8, 2)},  # 4 / 4 (since the longest-first grid order; 0 before)
+    (True, 2, 128): {(128, 64, 4, 3)},
+    (False, 2, 128): {(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)},
+    (False, 2, 64): {(128, 64, 4, 3), (128, 128, 8, 2)},
 }
-FWD_CONFIGS = make_configs(_FWD_TILES + _FWD_TILES_FP32)
 
 
-@tuned("attn_fwd", FWD_CONFIGS, attention_rule(_fwd_smem, _FWD_TILES_FP32, _FWD_SPILLS),
-       interpret_configs=INTERPRET_CONFIGS,
-       key=["S", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "TMA"])
+@tuned_attention("attn_fwd", _FWD_TILES, _FWD_TILES_FP32, _FWD_SPILLS, _fwd_smem)
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,  # noqa: E741  (O: the output; capitals name the tensors)
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -342,22 +401,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,  # noqa: E741  (O: the output; cap
     keys, which never decreases with ``m0``, so the blocks the GPU dispatches last (the tail of the grid) are
     the shortest ones.
     """
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    m0 = pid_m * BLOCK_M
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = tl.load(PREFIX + b).to(tl.int32)
-    if CAUSAL:
-        hi = tl.minimum(tl.maximum(m0 + BLOCK_M, prefix), S)
-        full_end = (tl.maximum(m0 + 1, prefix) // BLOCK_N) * BLOCK_N
-    else:
-        hi = S
-        full_end = (S // BLOCK_N) * BLOCK_N
-    if ALL_MASKED:  # testing aid: send every tile through the masked path
-        full_end = 0
+    pid_bh, b, h, m0, prefix, hi, full_end = _query_tile(PREFIX, H, S, BLOCK_M, BLOCK_N, CAUSAL, HAS_PREFIX,
+                                                         ALL_MASKED)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -367,8 +412,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX,  # noqa: E741  (O: the output; cap
     # results, fewer registers (tools/triton_compile_check.py measures them). With TMA, descriptors replace
     # the pointers: the copy engine forms the addresses and zero-fills the rows past S.
     q_src = _rows(Q, b * stride_qb + h * stride_qh, S, stride_qs, BLOCK_M, HEAD_DIM, TMA)
-    k_src = _rows(K, b * stride_kb + h * stride_kh, S, stride_ks, BLOCK_N, HEAD_DIM, TMA)
-    v_src = _rows(V, b * stride_vb + h * stride_vh, S, stride_vs, BLOCK_N, HEAD_DIM, TMA)
+    k_src, v_src = _row_sources(K, V, b * stride_kb + h * stride_kh, b * stride_vb + h * stride_vh, S, stride_ks,
+                                stride_vs, BLOCK_N, HEAD_DIM, TMA)
     q = _load_rows(q_src, m0, offs_m, offs_d, S, stride_qs, TMA).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)

@@ -7,7 +7,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._alloc import new_output
 from .._cross_entropy_op import define_cross_entropy_ops, flat_cross_entropy
 from .tuning import tuned
 
@@ -184,27 +183,21 @@ def ce_rows(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int, l
     )
 
 
-def _forward(logits, targets, ignore_index, label_smoothing, z_loss):
-    logits = logits if logits.stride(1) == 1 else logits.contiguous()
-    targets = targets.contiguous()
-    rows = new_output(targets.shape, dtype=torch.float32, device=logits.device)
-    lse = new_output(targets.shape, dtype=torch.float32, device=logits.device)
-    ce_rows(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            loss_rows=rows, lse=lse)
-    return rows, lse
+def rows(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int, label_smoothing: float, z_loss: float,
+         loss_rows: Optional[torch.Tensor], lse: Optional[torch.Tensor], saved_lse: Optional[torch.Tensor],
+         grad: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> None:
+    """The shared row-kernel interface (``aimv2_kernels._cross_entropy_op.RowKernel``) on :func:`ce_rows`: fp32
+    lse, a copy of logits with a non-unit column stride (not when the gradient overwrites them), contiguous
+    targets, and a ``(1,)`` or per-row ``scale``."""
+    if logits.stride(1) != 1 and grad is not logits:
+        logits = logits.contiguous()
+    per_row = scale is not None and scale.numel() > 1
+    ce_rows(logits, targets.contiguous(), ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            loss_rows=loss_rows, lse=saved_lse if saved_lse is not None else lse, lse_given=saved_lse is not None,
+            grad=grad, scale=None if per_row else scale, row_scale=scale if per_row else None)
 
 
-def _gradient(logits, targets, lse, ignore_index, label_smoothing, z_loss, scale):
-    logits = logits if logits.stride(1) == 1 else logits.contiguous()
-    grad = new_output(logits.shape, dtype=logits.dtype, device=logits.device)
-    ce_rows(logits, targets.contiguous(), ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, lse=lse, lse_given=True, grad=grad,
-            **({"row_scale": scale} if scale.numel() > 1 else {"scale": scale}))
-    return grad
-
-
-cross_entropy_op, cross_entropy_backward_op = define_cross_entropy_ops(
-    "triton_cross_entropy", _forward, _gradient, torch.float32)
+cross_entropy_op, cross_entropy_backward_op = define_cross_entropy_ops("triton_cross_entropy", rows, torch.float32)
 
 
 def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,

@@ -1,12 +1,12 @@
 """Triton linear cross-entropy: the shared chunk loop and autograd (:mod:`.._linear_cross_entropy_op`) around the
-fused Triton row kernel (:func:`.cross_entropy.ce_rows`), which overwrites each chunk's logits with their gradient."""
+fused Triton row kernel (:func:`.cross_entropy.rows`), which overwrites each chunk's logits with their gradient."""
 from __future__ import annotations
 
 import torch
 
 from .._linear_cross_entropy_op import chunk_rows as _chunk_rows
 from .._linear_cross_entropy_op import define_linear_cross_entropy_ops
-from .cross_entropy import ce_rows
+from .cross_entropy import rows
 
 # Logits elements per chunk. A chunk's ``(rows, V)`` logits buffer, in the input dtype, is the only V-sized
 # temporary besides, for bf16/fp16 gradients, its fp32 copy (2**26 elements: 128 MiB in bf16 and 256 MiB in
@@ -19,16 +19,8 @@ def chunk_rows(n_tokens: int, vocab: int, chunk_size: int | None = None) -> int:
     return _chunk_rows(n_tokens, vocab, CHUNK_ELEMENTS, chunk_size)
 
 
-def _rows(logits, targets, *, ignore_index, label_smoothing, z_loss, loss_rows, lse, saved_lse, grad, scale):
-    """The shared loop's row-kernel interface on :func:`.cross_entropy.ce_rows` (fp32 lse)."""
-    per_row = scale is not None and scale.numel() > 1
-    ce_rows(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            loss_rows=loss_rows, lse=saved_lse if saved_lse is not None else lse, lse_given=saved_lse is not None,
-            grad=grad, scale=None if per_row else scale, row_scale=scale if per_row else None)
-
-
 linear_cross_entropy_op, linear_cross_entropy_backward_op, _apply = define_linear_cross_entropy_ops(
-    "triton_linear_cross_entropy", _rows, torch.float32)
+    "triton_linear_cross_entropy", rows, torch.float32)
 
 
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
