@@ -18,7 +18,7 @@
 # --dry-run runs every stage on the CPU with the same commands and flags, at tiny sizes: Triton through its
 # interpreter, no CUDA build, the test stages collected but not run (the suite runs those tests anyway). It
 # exists so that a wrong flag or path fails here, not on the GPU; CI runs it. It also prints the autotuning
-# estimate of the real run (bench/autotune_plan.py).
+# estimate of the real run (autotune_plan in bench/gpu_summary.py).
 #
 # Output: the lent machine returns at most 8 files, so OUTDIR holds only
 #   summary.md       stage table, the op benchmarks at a glance, autotuning time, the training step

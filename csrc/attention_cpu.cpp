@@ -35,7 +35,7 @@
 // broadcasts of A per step). On the 2-core AMD EPYC (Zen 3) build machine, shared with other jobs, it reached
 // 70-85 GFLOP/s on one core for 64 x 64 x 64 products in L1 (MKL: 69 GFLOP/s on a 1024^3 matmul), and the whole
 // B=4, H=8, S=1024, D=64 fp32 forward+backward with random prefixes ran 1.3x faster than SDPA with a dense
-// boolean mask with the split backward, with half its peak memory (bench/prefix_attention_cpu.py). The fused
+// boolean mask with the split backward, with half its peak memory (bench/cpu_check.py times this shape). The fused
 // backward took it from 572 to 451 ms (median of 7 interleaved rounds, 2 threads, load average about 2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
