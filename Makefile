@@ -59,18 +59,20 @@ lint: venv
 gpu-dry-run: install
 	PYTHON=$(abspath $(PY)) bash bench/gpu_check.sh --dry-run runs/gpu-dry-run
 
-# The suite, with the Triton compile check and the GPU dry run beside it (each mostly on one core: the three
-# together take about half the time they take one after the other on 2 cores). Their logs go to runs/ and
-# their last lines are printed at the end; any failure fails the target.
-test: install cuda-check
-	@mkdir -p runs; echo "triton-check and gpu-dry-run run beside the tests: runs/triton-check.log, runs/gpu-dry-run.log"
-	@$(PY) tools/triton_compile_check.py --archs 90a,80 --jobs 1 > runs/triton-check.log 2>&1 & check=$$!; \
+# The suite, with the CUDA and Triton compile checks and the GPU dry run beside it (each mostly on one core: all
+# four take about half the time they take one after the other on 2 cores). The checks' logs go to runs/, their
+# last lines are printed at the end, and any failure fails the target.
+test: install
+	@mkdir -p runs; echo "cuda-check, triton-check and gpu-dry-run run beside the tests (logs in runs/)"
+	@$(PY) tools/cuda_compile_check.py --archs 80,90a > runs/cuda-check.log 2>&1 & cuda=$$!; \
+	$(PY) tools/triton_compile_check.py --archs 90a,80 --jobs 1 > runs/triton-check.log 2>&1 & check=$$!; \
 	PYTHON=$(abspath $(PY)) bash bench/gpu_check.sh --dry-run runs/gpu-dry-run > runs/gpu-dry-run.log 2>&1 & dry=$$!; \
 	$(PY) -m pytest -q --durations=20; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; \
-	wait $$check; crc=$$?; wait $$dry; drc=$$?; \
+	wait $$cuda; curc=$$?; wait $$check; crc=$$?; wait $$dry; drc=$$?; \
+	echo "== cuda-check (exit $$curc)"; tail -n 3 runs/cuda-check.log; \
 	echo "== triton-check (exit $$crc)"; tail -n 12 runs/triton-check.log; \
 	echo "== gpu-dry-run (exit $$drc)"; tail -n 15 runs/gpu-dry-run.log; \
-	if [ $$rc -ne 0 ]; then exit $$rc; fi; if [ $$crc -ne 0 ]; then exit $$crc; fi; exit $$drc
+	for code in $$rc $$curc $$crc $$drc; do if [ $$code -ne 0 ]; then exit $$code; fi; done
 
 # The GPU machine's versions (Python 3.12, torch 2.11.0 CUDA build, triton 3.6.0, transformers 5.17.0) in
 # .venv-compat: the build with the CUDA extension, the CPU suite, the Triton compile check and the dry run
