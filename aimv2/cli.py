@@ -26,8 +26,8 @@ import torch
 
 from .checkpoint import CheckpointError
 
-__all__ = ["Parser", "UsageError", "OperationalError", "OPERATIONAL_ERRORS", "resolve_device", "one_line",
-           "run_main"]
+__all__ = ["Parser", "UsageError", "OperationalError", "OPERATIONAL_ERRORS", "resolve_device", "check_backend",
+           "one_line", "run_main"]
 
 
 class UsageError(ValueError):
@@ -64,6 +64,22 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda[:N], got {name!r}")
     return device
+
+
+def check_backend(backend: str, device: torch.device, ops: tuple[str, ...]) -> None:
+    """``--backend``: raise UsageError, with aimv2_kernels' reason, when an explicit backend cannot run one of
+    ``ops`` on ``device`` (checked before any work starts, instead of failing in the first forward).
+    ``auto`` and ``reference`` always run."""
+    if backend in ("auto", "reference"):
+        return
+    from aimv2_kernels import BackendUnavailableError
+    from aimv2_kernels._backend import resolve_backend
+
+    for op in ops:
+        try:
+            resolve_backend(op, backend, device)
+        except BackendUnavailableError as exc:
+            raise UsageError(f"--backend {backend} cannot run on this machine: {one_line(exc)}") from None
 
 
 def one_line(exc: BaseException) -> str:

@@ -12,6 +12,18 @@ def swiglu_hidden(dim: int) -> int:
     return 256 * math.ceil(int(8 * dim / 3) / 256)
 
 
+def _check_fields(what: str, config: Any, ints: tuple[str, ...]) -> None:
+    """Positive-int fields and a finite positive ``norm_eps``, checked before any arithmetic on them (ValueError
+    naming the field; ``patch_size=0`` would otherwise be a ZeroDivisionError)."""
+    for name in ints:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} {name} must be a positive int, got {value!r}")
+    eps = config.norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{what} norm_eps must be a finite positive float, got {eps!r}")
+
+
 @dataclass
 class EncoderConfig:
     """The ViT encoder (no class token). Defaults are AIMv2-L at 224 px."""
@@ -26,8 +38,10 @@ class EncoderConfig:
     pos_embed: str = "learned"  # "learned" ([1, N, D] parameter) or "sincos" (fixed, native resolution)
 
     def __post_init__(self):
+        _check_fields("encoder", self, ("image_size", "patch_size", "in_chans", "dim", "depth", "num_heads"))
         if self.mlp_hidden is None:
             self.mlp_hidden = swiglu_hidden(self.dim)
+        _check_fields("encoder", self, ("mlp_hidden",))
         if self.dim % self.num_heads:
             raise ValueError(f"encoder dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
@@ -66,8 +80,10 @@ class DecoderConfig:
     pad_id: int = 1  # SigLIP's pad (= eos) id, ignored by the text loss
 
     def __post_init__(self):
+        _check_fields("decoder", self, ("dim", "depth", "num_heads", "vocab_size", "context_length"))
         if self.mlp_hidden is None:
             self.mlp_hidden = swiglu_hidden(self.dim)
+        _check_fields("decoder", self, ("mlp_hidden",))
         if self.dim % self.num_heads:
             raise ValueError(f"decoder dim {self.dim} is not divisible by num_heads {self.num_heads}")
 

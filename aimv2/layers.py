@@ -1,7 +1,10 @@
 """Transformer building blocks shared by the encoder and decoder (pre-norm, RMSNorm, SwiGLU, no biases)."""
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -9,15 +12,63 @@ import torch.nn.functional as F
 
 from aimv2_kernels import prefix_attention
 
+# Every module of aimv2 initialises itself in its constructor with its documented initialiser (``init_weights``),
+# as torch's own modules do. A module built inside another aimv2 module leaves that to the outermost one, whose
+# ``init_weights`` covers its children: each parameter is initialised once, and ``AIMv2(cfg)`` draws the same
+# random numbers in the same order as when only the top-level model initialised itself. Modules built on the meta
+# device are not initialised (there is nothing to fill; ``to_empty`` + ``load_state_dict`` or ``init_weights``
+# does it).
+_BUILDING = threading.local()
+
+
+@contextlib.contextmanager
+def _building_children() -> Iterator[None]:
+    """Construct aimv2 submodules without their own initialisation (the enclosing module's covers them)."""
+    depth = getattr(_BUILDING, "depth", 0)
+    _BUILDING.depth = depth + 1
+    try:
+        yield
+    finally:
+        _BUILDING.depth = depth
+
+
+def _init_unless_nested(module: nn.Module) -> None:
+    """End of an aimv2 constructor: ``module.init_weights()`` unless an enclosing aimv2 module is being built (it
+    initialises this one) or the module is on the meta device."""
+    if getattr(_BUILDING, "depth", 0):
+        return
+    if any(t.is_meta for t in list(module.parameters()) + list(module.buffers())):
+        return
+    module.init_weights()
+
+
+@torch.no_grad()
+def _xavier_and_ones(module: nn.Module) -> None:
+    """The trunk initialiser: every Linear xavier-uniform (bias 0), every RMSNorm scale 1, in module order."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.RMSNorm):
+            nn.init.ones_(m.weight)
+
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection and an output ``proj``, both without bias."""
+    """Multi-head self-attention with a fused ``qkv`` projection and an output ``proj``, both without bias.
+
+    Initialised xavier-uniform (:meth:`init_weights`)."""
 
     def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
         super().__init__()
         self.num_heads, self.backend = num_heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # rows [q; k; v], each head-major
         self.proj = nn.Linear(dim, dim, bias=False)
+        _init_unless_nested(self)
+
+    def init_weights(self) -> None:
+        """``qkv`` and ``proj`` xavier-uniform, as in the trunk."""
+        _xavier_and_ones(self)
 
     def forward(self, x: torch.Tensor, prefix_lens: torch.Tensor | None, causal: bool) -> torch.Tensor:
         b, s, d = x.shape
@@ -27,27 +78,42 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``fc2(silu(fc1(x)) * fc3(x))``: fc1 is the gate, fc3 the up projection, fc2 the down projection."""
+    """``fc2(silu(fc1(x)) * fc3(x))``: fc1 is the gate, fc3 the up projection, fc2 the down projection.
+
+    Initialised xavier-uniform (:meth:`init_weights`)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, dim, bias=False)
         self.fc3 = nn.Linear(dim, hidden, bias=False)
+        _init_unless_nested(self)
+
+    def init_weights(self) -> None:
+        """``fc1``, ``fc2``, ``fc3`` xavier-uniform, as in the trunk."""
+        _xavier_and_ones(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + attn(norm_1(x))``, then ``x + mlp(norm_2(x))``."""
+    """Pre-norm block: ``x + attn(norm_1(x))``, then ``x + mlp(norm_2(x))``. Initialised as the trunk
+    (:meth:`init_weights`)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float, backend: str):
         super().__init__()
         self.norm_1 = nn.RMSNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, backend)
+        with _building_children():
+            self.attn = Attention(dim, num_heads, backend)
         self.norm_2 = nn.RMSNorm(dim, eps=eps)
-        self.mlp = SwiGLU(dim, mlp_hidden)
+        with _building_children():
+            self.mlp = SwiGLU(dim, mlp_hidden)
+        _init_unless_nested(self)
+
+    def init_weights(self) -> None:
+        """Linears xavier-uniform, RMSNorm scales 1, as in the trunk."""
+        _xavier_and_ones(self)
 
     def forward(self, x: torch.Tensor, prefix_lens: torch.Tensor | None, causal: bool) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), prefix_lens, causal)
@@ -55,28 +121,23 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of blocks with a final RMSNorm (``post_trunk_norm``)."""
+    """A stack of blocks with a final RMSNorm (``post_trunk_norm``). Initialised by :meth:`init_weights`."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_hidden: int, eps: float, backend: str):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_hidden, eps, backend) for _ in range(depth))
+        with _building_children():
+            self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_hidden, eps, backend) for _ in range(depth))
         self.post_trunk_norm = nn.RMSNorm(dim, eps=eps)
+        _init_unless_nested(self)
 
     def forward(self, x: torch.Tensor, prefix_lens: torch.Tensor | None = None, *, causal: bool) -> torch.Tensor:
         for block in self.blocks:
             x = block(x, prefix_lens, causal)
         return self.post_trunk_norm(x)
 
-    @torch.no_grad()
     def init_weights(self) -> None:
         """Trunk linears are xavier-uniform (official training code); RMSNorm scales are 1."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.RMSNorm):
-                nn.init.ones_(m.weight)
+        _xavier_and_ones(self)
 
 
 def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, *, device: torch.device | str | None = None,

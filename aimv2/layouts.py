@@ -37,7 +37,7 @@ LAYOUTS = ("hf", "apple", "timm")
 _SIZES = {"large": (1024, 24, 8, 2816), "huge": (1536, 24, 12, 4096), "1b": (2048, 24, 16, 5632),
           "3b": (3072, 24, 24, 8192)}
 _HEAD_DIM = 128
-_TIMM_ARCH = re.compile(r"aimv2_(large|huge|1b|3b)_patch(\d+)_(\d+)")
+_TIMM_ARCH = re.compile(r"aimv2_(large|huge|1b|3b)_patch(\d{1,9})_(\d{1,9})")
 _OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -236,7 +236,8 @@ def _spec_from_shapes(sd: dict[str, torch.Tensor], layout: str) -> dict:
     conv = sd.get(conv_key)
     if conv is not None and conv.dim() == 4 and conv.shape[-1] == conv.shape[-2]:
         spec.update(dim=conv.shape[0], in_chans=conv.shape[1], patch_size=conv.shape[-1])
-    blocks = [int(m.group(1)) for k in sd if (m := block_re.match(k))]
+    # a block index of more than 9 digits is out of range anyway (and int() refuses thousands of digits)
+    blocks = [int(i) if len(i := m.group(1)) <= 9 else 10 ** 9 for k in sd if (m := block_re.match(k))]
     if blocks:
         spec["depth"] = max(blocks) + 1
     gate = sd.get(gate_key)
@@ -251,16 +252,108 @@ def _spec_from_shapes(sd: dict[str, torch.Tensor], layout: str) -> dict:
     return spec
 
 
+# Sane upper bounds on an encoder shape read from a config.json or a checkpoint's tensors: far above every
+# released AIMv2 (1024 <= dim <= 3072, depth 24, 224-448 px), low enough that a corrupt or hostile file cannot make
+# the loader build millions of modules or exhaust memory before a single tensor is compared.
+MAX_DEPTH = 1024
+MAX_DIM = 65536
+MAX_HEADS = MAX_DIM
+MAX_MLP_HIDDEN = 4 * MAX_DIM
+MAX_CHANNELS = 1024
+MAX_IMAGE_SIZE = 16384
+MAX_PATCH_SIZE = MAX_IMAGE_SIZE
+MAX_NORM_EPS = 1.0
+MAX_MLP_RATIO = 64.0
+_LIMITS = {"dim": MAX_DIM, "depth": MAX_DEPTH, "num_heads": MAX_HEADS, "mlp_hidden": MAX_MLP_HIDDEN,
+           "in_chans": MAX_CHANNELS, "image_size": MAX_IMAGE_SIZE, "patch_size": MAX_PATCH_SIZE}
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int_field(value, name: str, source: str, upper: int) -> int:
+    """``value`` as an int in ``[1, upper]`` (an integral float such as ``64.0`` is accepted), else WeightsError
+    naming ``source`` and ``name``."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WeightsError(f"{source}: {name} must be a positive integer, got {_show(value)} "
+                           f"({type(value).__name__})")
+    if not 1 <= value <= upper:
+        raise WeightsError(f"{source}: {name} must lie in [1, {upper}], got {value}")
+    return value
+
+
+def _float_field(value, name: str, source: str, upper: float) -> float:
+    """``value`` as a finite float in ``(0, upper]``, else WeightsError naming ``source`` and ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WeightsError(f"{source}: {name} must be a number, got {_show(value)} ({type(value).__name__})")
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 < value <= upper):
+        raise WeightsError(f"{source}: {name} must be a finite number in (0, {upper}], got {value}")
+    return value
+
+
 def _side(value, name: str, source: str) -> int:
+    """A square side: an int or a ``[h, w]`` pair with ``h == w``, in ``[1, MAX_IMAGE_SIZE]``."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise WeightsError(f"{source}: {name} {value} is not square; AIMv2Encoder needs a square {name}")
+            raise WeightsError(f"{source}: {name} {_show(value)} is not square; AIMv2Encoder needs a square {name}")
         value = value[0]
-    return int(value)
+    return _int_field(value, name, source, MAX_IMAGE_SIZE)
 
 
-def _spec_from_json(d: dict, layout: str, source: str) -> dict:
-    """What config.json says, in EncoderConfig field names (only the fields it sets or implies)."""
+def check_spec(spec: dict, source: str, names: dict[str, str] | None = None) -> dict:
+    """Check an encoder shape (EncoderConfig field names, any subset) before anything is built from it.
+
+    Every integer field present must be an int in ``[1, its MAX_*]``, ``norm_eps`` a finite float in
+    ``(0, MAX_NORM_EPS]``, ``pos_embed`` "learned" or "sincos"; ``dim`` divisible by ``num_heads``, a learned
+    table's ``image_size`` divisible by ``patch_size``, a sin-cos encoder's ``dim`` by 4. ``names`` maps our
+    field names to the ones ``source`` spells (a config.json's), for the message. Raises WeightsError (a
+    ValueError) naming ``source`` and the field; returns ``spec``.
+    """
+    names = names or {}
+
+    def name(f: str) -> str:
+        return names.get(f, f)
+
+    for f, upper in _LIMITS.items():
+        if f in spec:
+            spec[f] = _int_field(spec[f], name(f), source, upper)
+    if "norm_eps" in spec:
+        spec["norm_eps"] = _float_field(spec["norm_eps"], name("norm_eps"), source, MAX_NORM_EPS)
+    if "pos_embed" in spec and spec["pos_embed"] not in ("learned", "sincos"):
+        raise WeightsError(f"{source}: pos_embed must be 'learned' or 'sincos', got {_show(spec['pos_embed'])}")
+    dim, heads = spec.get("dim"), spec.get("num_heads")
+    if dim is not None and heads is not None and dim % heads:
+        raise WeightsError(f"{source}: {name('dim')} {dim} is not divisible by {name('num_heads')} {heads}")
+    size, patch = spec.get("image_size"), spec.get("patch_size")
+    if spec.get("pos_embed") == "learned" and size is not None and patch is not None and size % patch:
+        raise WeightsError(f"{source}: {name('image_size')} {size} is not a multiple of {name('patch_size')} "
+                           f"{patch} (a learned position embedding needs a whole grid of patches)")
+    if spec.get("pos_embed") == "sincos" and dim is not None and dim % 4:
+        raise WeightsError(f"{source}: {name('dim')} {dim} is not divisible by 4, which the 2-D sin-cos position "
+                           f"embedding of a native-resolution encoder needs")
+    return spec
+
+
+_HF_NAMES = {"dim": "hidden_size", "mlp_hidden": "intermediate_size", "depth": "num_hidden_layers",
+             "num_heads": "num_attention_heads", "in_chans": "num_channels", "image_size": "image_size",
+             "patch_size": "patch_size", "norm_eps": "rms_norm_eps"}
+_TIMM_NAMES = {"dim": "model_args.embed_dim", "depth": "model_args.depth", "num_heads": "model_args.num_heads",
+               "in_chans": "model_args.in_chans", "patch_size": "model_args.patch_size",
+               "image_size": "model_args.img_size / pretrained_cfg.input_size",
+               "mlp_hidden": "model_args.mlp_ratio * embed_dim"}
+
+
+def _spec_from_json(d: dict, layout: str | None, source: str) -> dict:
+    """What config.json says, in EncoderConfig field names (only the fields it sets or implies), every field
+    type- and range-checked (:func:`check_spec`). Any problem is a WeightsError naming ``source`` and the
+    field. ``layout`` None: not yet known (an HF config without ``is_native`` then leaves ``pos_embed`` unset)."""
+    if not isinstance(d, dict):
+        raise WeightsError(f"{source} must hold a JSON object, got {type(d).__name__}")
     if "architecture" in d and "hidden_size" not in d:  # timm's config.json
         return _spec_from_timm_json(d, source)
     if isinstance(d.get("vision_config"), dict):  # transformers' Aimv2Config (LiT): the vision tower's part
@@ -270,16 +363,18 @@ def _spec_from_json(d: dict, layout: str, source: str) -> dict:
                            f"...) nor a timm config (architecture, pretrained_cfg)")
     _refuse_unsupported(d, source)
     g = {k: d.get(k, v) for k, v in _HF_DEFAULTS.items()}
-    spec = {"dim": int(g["hidden_size"]), "mlp_hidden": int(g["intermediate_size"]),
-            "depth": int(g["num_hidden_layers"]), "num_heads": int(g["num_attention_heads"]),
-            "in_chans": int(g["num_channels"]), "image_size": _side(g["image_size"], "image_size", source),
-            "patch_size": _side(g["patch_size"], "patch_size", source), "norm_eps": float(g["rms_norm_eps"])}
+    spec: dict = {"dim": g["hidden_size"], "mlp_hidden": g["intermediate_size"], "depth": g["num_hidden_layers"],
+                  "num_heads": g["num_attention_heads"], "in_chans": g["num_channels"],
+                  "image_size": _side(g["image_size"], "image_size", source),
+                  "patch_size": _side(g["patch_size"], "patch_size", source), "norm_eps": g["rms_norm_eps"]}
     if "is_native" in d:
+        if not isinstance(d["is_native"], bool):
+            raise WeightsError(f"{source}: is_native must be true or false, got {_show(d['is_native'])}")
         spec["pos_embed"] = "sincos" if d["is_native"] else "learned"
     elif layout == "hf":
         spec["pos_embed"] = "learned"  # Aimv2VisionConfig's default is_native=False
     # Apple's original config has no such flag: the native model is the one without preprocessor.pos_embed.
-    return spec
+    return check_spec(spec, source, _HF_NAMES)
 
 
 def _spec_from_timm_json(d: dict, source: str) -> dict:
@@ -292,20 +387,26 @@ def _spec_from_timm_json(d: dict, source: str) -> dict:
     m = _TIMM_ARCH.fullmatch(str(d.get("architecture", "")).split(".")[0])
     if m:
         dim, depth, heads, hidden = _SIZES[m.group(1)]
-        spec.update(dim=dim, depth=depth, num_heads=heads, mlp_hidden=hidden, patch_size=int(m.group(2)),
-                    image_size=int(m.group(3)))
-    if isinstance(pcfg.get("input_size"), (list, tuple)) and len(pcfg["input_size"]) == 3:
-        c, h, w = pcfg["input_size"]
-        spec.update(in_chans=int(c), image_size=_side([h, w], "input_size", source))
+        spec.update(dim=dim, depth=depth, num_heads=heads, mlp_hidden=hidden,
+                    patch_size=_int_field(int(m.group(2)), "architecture's patch size", source, MAX_PATCH_SIZE),
+                    image_size=_int_field(int(m.group(3)), "architecture's image size", source, MAX_IMAGE_SIZE))
+    size = pcfg.get("input_size")
+    if isinstance(size, (list, tuple)) and len(size) == 3:
+        c, h, w = size
+        spec.update(in_chans=_int_field(c, "pretrained_cfg.input_size[0]", source, MAX_CHANNELS),
+                    image_size=_side([h, w], "pretrained_cfg.input_size", source))
     renames = {"embed_dim": "dim", "depth": "depth", "num_heads": "num_heads", "in_chans": "in_chans"}
-    spec.update({ours: int(args[theirs]) for theirs, ours in renames.items() if theirs in args})
+    spec.update({ours: _int_field(args[theirs], f"model_args.{theirs}", source, _LIMITS[ours])
+                 for theirs, ours in renames.items() if theirs in args})
     if "patch_size" in args:
-        spec["patch_size"] = _side(args["patch_size"], "patch_size", source)
+        spec["patch_size"] = _side(args["patch_size"], "model_args.patch_size", source)
     if "img_size" in args:
-        spec["image_size"] = _side(args["img_size"], "img_size", source)
+        spec["image_size"] = _side(args["img_size"], "model_args.img_size", source)
     if "mlp_ratio" in args and "dim" in spec:
-        spec["mlp_hidden"] = int(spec["dim"] * float(args["mlp_ratio"]))  # timm's rule
-    return spec
+        ratio = _float_field(args["mlp_ratio"], "model_args.mlp_ratio", source, MAX_MLP_RATIO)
+        hidden = int(spec["dim"] * ratio)  # timm's rule
+        spec["mlp_hidden"] = _int_field(hidden, "model_args.mlp_ratio * embed_dim", source, MAX_MLP_HIDDEN)
+    return check_spec(spec, source, _TIMM_NAMES)
 
 
 def _refuse_unsupported(d: dict, source: str) -> None:

@@ -10,33 +10,53 @@ import torch.nn as nn
 from aimv2_kernels import BACKENDS, linear_cross_entropy, patch_mse_loss
 
 from .config import AIMv2Config, DecoderConfig, EncoderConfig
-from .layers import Transformer, fan_in_trunc_normal_, resize_pos_embed, sincos_pos_embed
+from .layers import (
+    Transformer,
+    _building_children,
+    _init_unless_nested,
+    fan_in_trunc_normal_,
+    resize_pos_embed,
+    sincos_pos_embed,
+)
 from .weights import read_pretrained
 
 
 class PatchEmbed(nn.Module):
-    """Conv (kernel = stride = patch, with bias) -> raster-order tokens -> RMSNorm."""
+    """Conv (kernel = stride = patch, with bias) -> raster-order tokens -> RMSNorm. Initialised by
+    :meth:`init_weights`."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        _init_unless_nested(self)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The conv weight xavier-uniform on its ``[D, C*p*p]`` view, the RMSNorm scale 1; the conv bias keeps
+        torch's default init (uniform in +-1/sqrt(C*p*p))."""
+        w = self.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.ones_(self.norm.weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(images).flatten(2).transpose(1, 2))  # (B, N, D)
 
 
 class ViTPreprocessor(nn.Module):
-    """Patch embedding plus the position embedding (learned ``[1, N, D]`` or fixed 2-D sin-cos)."""
+    """Patch embedding plus the position embedding (learned ``[1, N, D]`` or fixed 2-D sin-cos). Initialised by
+    :meth:`init_weights`."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.cfg = cfg
-        self.patchifier = PatchEmbed(cfg)
+        with _building_children():
+            self.patchifier = PatchEmbed(cfg)
         if cfg.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.empty(1, cfg.num_patches, cfg.dim))
         else:
             self.register_parameter("pos_embed", None)
+        _init_unless_nested(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patchifier(images)
@@ -51,21 +71,24 @@ class ViTPreprocessor(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        w = self.patchifier.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # on the [D, C*p*p] view; the conv bias keeps torch's init
-        nn.init.ones_(self.patchifier.norm.weight)
+        """The patch embedding's (:meth:`PatchEmbed.init_weights`), then a learned position table N(0, 0.02)."""
+        self.patchifier.init_weights()
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed, std=0.02)
 
 
 class AIMv2Encoder(nn.Module):
-    """The AIMv2 ViT. State-dict keys equal Apple's original layout (``preprocessor.*``, ``trunk.*``)."""
+    """The AIMv2 ViT. State-dict keys equal Apple's original layout (``preprocessor.*``, ``trunk.*``).
+
+    The constructor initialises it as for training (:meth:`init_weights`), unless built on the meta device."""
 
     def __init__(self, cfg: EncoderConfig, backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
-        self.preprocessor = ViTPreprocessor(cfg)
-        self.trunk = Transformer(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, backend)
+        with _building_children():
+            self.preprocessor = ViTPreprocessor(cfg)
+            self.trunk = Transformer(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, backend)
+        _init_unless_nested(self)
 
     def forward(self, images: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
         """``images (B, C, H, W)`` float -> features ``(B, N, D)`` after the final RMSNorm, ``N = (H/p)(W/p)``.
@@ -86,6 +109,7 @@ class AIMv2Encoder(nn.Module):
         return self.trunk(x, prefix_lens, causal=prefix_lens is not None)
 
     def init_weights(self) -> None:
+        """The trunk's (xavier-uniform linears, unit norms), then the preprocessor's."""
         self.trunk.init_weights()
         self.preprocessor.init_weights()
 
@@ -112,7 +136,8 @@ class AIMv2Encoder(nn.Module):
 
 
 class AIMv2Decoder(nn.Module):
-    """Causal decoder over ``[image_proj(features) (N) || start token (1) || caption embeddings (T)]``."""
+    """Causal decoder over ``[image_proj(features) (N) || start token (1) || caption embeddings (T)]``.
+    Initialised by :meth:`init_weights` in the constructor (unless on the meta device)."""
 
     def __init__(self, cfg: DecoderConfig, enc_dim: int, patch_dim: int, backend: str = "auto"):
         super().__init__()
@@ -121,9 +146,11 @@ class AIMv2Decoder(nn.Module):
         self.text_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.start_token = nn.Parameter(torch.empty(1, 1, cfg.dim))
         self.text_pos_embed = nn.Parameter(torch.empty(1, cfg.context_length + 1, cfg.dim))
-        self.trunk = Transformer(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, backend)
+        with _building_children():
+            self.trunk = Transformer(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, backend)
         self.pixel_head = nn.Linear(cfg.dim, patch_dim, bias=False)
         self.text_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        _init_unless_nested(self)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``features (B, N, D_enc)``, ``tokens (B, T)`` int -> hidden ``(B, N + 1 + T, dim)`` (final-normed)."""
@@ -135,6 +162,8 @@ class AIMv2Decoder(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        """Trunk as the encoder's; embeddings and start token N(0, 0.02), text positions N(0, 0.01); the heads
+        fan-in truncated normal scaled by 1 / (1 + depth)."""
         self.trunk.init_weights()  # the image projection keeps torch's default Linear init, as in training
         nn.init.normal_(self.text_embedding.weight, std=0.02)
         nn.init.normal_(self.start_token, std=0.02)
@@ -157,12 +186,13 @@ class AIMv2(nn.Module):
     def __init__(self, cfg: AIMv2Config):
         super().__init__()
         self.cfg = cfg
-        self.encoder = AIMv2Encoder(cfg.encoder, cfg.backend)
-        self.decoder = AIMv2Decoder(cfg.decoder, cfg.encoder.dim, cfg.encoder.patch_dim, cfg.backend)
-        if not any(p.is_meta for p in self.parameters()):
-            self.init_weights()
+        with _building_children():  # initialised once, below, in the order training always used
+            self.encoder = AIMv2Encoder(cfg.encoder, cfg.backend)
+            self.decoder = AIMv2Decoder(cfg.decoder, cfg.encoder.dim, cfg.encoder.patch_dim, cfg.backend)
+        _init_unless_nested(self)
 
     def init_weights(self) -> None:
+        """The encoder's, then the decoder's."""
         self.encoder.init_weights()
         self.decoder.init_weights()
 

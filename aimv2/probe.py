@@ -586,7 +586,5 @@ def random_encoder(config: str | AIMv2Config | EncoderConfig, *, seed: int = 0, 
         if isinstance(config, AIMv2Config):
             return AIMv2(dataclasses.replace(config, backend=backend)).encoder.eval()
         if isinstance(config, EncoderConfig):
-            enc = AIMv2Encoder(config, backend)
-            enc.init_weights()
-            return enc.eval()
+            return AIMv2Encoder(config, backend).eval()  # the constructor runs init_weights
     raise TypeError(f"config must be a preset name, an AIMv2Config or an EncoderConfig, got {type(config).__name__}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import OperationalError, Parser, one_line, resolve_device, run_main
+from .cli import OperationalError, Parser, UsageError, check_backend, one_line, resolve_device, run_main
 from .data import NORMALIZATIONS
 from .probe import (
     FolderImages,
@@ -232,8 +232,28 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(PROG, _run, args)
 
 
+def _check_out(path: str) -> None:
+    """``--out FILE``, checked before the probe runs: a folder is a usage error, a path that cannot be written
+    an operational one. An existing file is left as it is (opened for appending, not truncated)."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"--out {path}: is a folder; give the path of the JSON file to write")
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as exc:
+        raise OperationalError(f"--out {path}: cannot be written: {one_line(exc)}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    check_backend(args.backend, device, ("prefix_attention",))  # the trunk's only aimv2_kernels op
+    if args.out:
+        _check_out(args.out)
     enc, desc, cfg, own_normalize = load_trunk(args)
     normalize = args.normalize or own_normalize
     enc_cfg = enc.cfg

@@ -26,11 +26,13 @@ from .layouts import (
     _HEAD_DIM,
     _POS,
     _SHAPE_KEYS,
+    MAX_IMAGE_SIZE,
     WeightsError,
     _meta_state,
     _spec_from_json,
     _spec_from_shapes,
     _split_towers,
+    check_spec,
     detect_layout,
     from_layout,
     to_layout,
@@ -121,40 +123,64 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"shard index {file} has no 'weight_map'")
     out: dict[str, torch.Tensor] = {}
     for shard in dict.fromkeys(weight_map.values()):
-        shard_file = file.parent / str(shard)
+        shard_file = _shard_path(file, shard)
         if not shard_file.is_file():
             raise FileNotFoundError(f"shard {shard_file} listed in {file} does not exist")
         out.update(_read_tensor_file(shard_file))
     return out
 
 
+def _shard_path(index_file: Path, shard: object) -> Path:
+    """The file of one ``weight_map`` entry of ``index_file``: a plain relative name inside the checkpoint folder.
+
+    Refused (WeightsError): a non-string or empty name, an absolute path, any ``..`` component, and a name that
+    resolves (following symlinks) outside the folder of the index.
+    """
+    if not isinstance(shard, str) or not shard or "\x00" in shard:
+        raise WeightsError(f"shard index {index_file}: weight_map values must be file names, got {shard!r}")
+    rel = Path(shard)
+    if rel.is_absolute() or shard.startswith(("/", "\\")) or ".." in rel.parts or ".." in shard.split("\\") \
+            or rel.drive:
+        raise WeightsError(f"shard index {index_file}: shard {shard!r} is not a file name inside the checkpoint "
+                           f"folder (absolute paths and '..' are refused)")
+    folder = index_file.parent.resolve()
+    target = (index_file.parent / rel).resolve()
+    if target == folder or not target.is_relative_to(folder):
+        raise WeightsError(f"shard index {index_file}: shard {shard!r} resolves to {target}, outside the checkpoint "
+                           f"folder {folder} (a symlink out of the folder is refused)")
+    return target
+
+
 def _read_json(file: Path) -> dict:
     try:
         data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # incl. UnicodeDecodeError, JSONDecodeError, huge ints
         raise WeightsError(f"cannot read {file}: {_one_line(exc)}") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{file} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
-# aimv2.checkpoint's layout of a training run: RUN/checkpoints/step_<n>/{state.pt, dcp/}
+# aimv2.checkpoint's layout of a training run: RUN/checkpoints/step_<n>/{state.json, dcp/}; state.pt marks the
+# former (pickled) format, still recognised as a run so that its loader can refuse it by name.
 _STEP_DIR = re.compile(r"step_\d+")
+_STATE_FILES = ("state.json", "state.pt")
 
 
 def is_training_run(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is the output of ``aimv2-train`` rather than released weights: a run folder (with
     ``checkpoints/step_*``), its ``checkpoints`` folder, one ``step_*`` checkpoint, or a checkpoint's
-    ``state.pt``. Load those with :func:`aimv2.checkpoint.load_trained_encoder`."""
+    ``state.json``. Load those with :func:`aimv2.checkpoint.load_trained_encoder`."""
     p = Path(path)
     if p.is_file():
-        return p.name == "state.pt" and _STEP_DIR.fullmatch(p.parent.name) is not None
+        return p.name in _STATE_FILES and _STEP_DIR.fullmatch(p.parent.name) is not None
     if not p.is_dir():
         return False
-    if _STEP_DIR.fullmatch(p.name) and ((p / "state.pt").is_file() or (p / "dcp").is_dir()):
+    if _STEP_DIR.fullmatch(p.name) and (any((p / f).is_file() for f in _STATE_FILES) or (p / "dcp").is_dir()):
         return True
     roots = [r for r in (p / "checkpoints", p) if r.is_dir()]
-    return any(_STEP_DIR.fullmatch(c.name) and (c / "state.pt").is_file() for r in roots for c in r.iterdir())
+    return any(_STEP_DIR.fullmatch(c.name) and any((c / f).is_file() for f in _STATE_FILES)
+               for r in roots for c in r.iterdir())
 
 
 def _resolve(path) -> tuple[Path, Path | None]:
@@ -165,7 +191,7 @@ def _resolve(path) -> tuple[Path, Path | None]:
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
     if is_training_run(p):
-        raise WeightsError(f"{str(path)!r} is a training run of aimv2-train (checkpoints/step_*/state.pt), not "
+        raise WeightsError(f"{str(path)!r} is a training run of aimv2-train (checkpoints/step_*/state.json), not "
                            f"released weights: load its encoder with aimv2.checkpoint.load_trained_encoder(path), "
                            f"which returns (encoder, config)")
     if p.is_dir():
@@ -253,9 +279,21 @@ def read_pretrained(path: str | os.PathLike[str], *, image_size: int | None = No
         raise ValueError(f"image_size must be positive, got {image_size}")
     if not isinstance(drop_head, bool):
         raise TypeError(f"drop_head must be a bool, got {type(drop_head).__name__}")
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
     want, what = _wanted_config(config)
     weights_file, config_file = _resolve(path)
     source = str(path)
+
+    # config.json first: every field it sets is type- and range-checked before any tensor is read or built.
+    json_spec = None
+    if config_file is not None:
+        try:
+            json_spec = _spec_from_json(_read_json(config_file), None, str(config_file))
+        except WeightsError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:  # a safety net: _spec_from_json names the field
+            raise WeightsError(f"{config_file}: malformed value ({_one_line(exc)})") from None
 
     raw = _read_weights(weights_file)
     sd, prefix, stray = _split_towers(raw)
@@ -277,17 +315,15 @@ def read_pretrained(path: str | os.PathLike[str], *, image_size: int | None = No
                            f"no bias (qkv_bias=False, mlp_bias=False in every released AIMv2)")
 
     spec = _spec_from_shapes(sd, layout)
-    if config_file is not None:
-        try:
-            spec.update(_spec_from_json(_read_json(config_file), layout, str(config_file)))
-        except WeightsError:
-            raise
-        except (TypeError, ValueError) as exc:  # a value of the wrong type, e.g. "hidden_size": "big"
-            raise WeightsError(f"{config_file}: malformed value ({_one_line(exc)})") from None
+    if json_spec is not None:
+        if layout == "hf":
+            json_spec.setdefault("pos_embed", "learned")  # Aimv2VisionConfig's default is_native=False
+        spec.update(json_spec)
     if "dim" not in spec:
         raise WeightsError(f"cannot infer the encoder's shape from {source}: its patch conv "
                            f"{prefix}{_SHAPE_KEYS[layout][0]} [D, C, p, p] is missing or malformed and there is "
                            f"no config.json")
+    check_spec(spec, f"checkpoint {source}")  # what the tensors say too (e.g. a block index of 10**7)
     known = dict(spec)
     if want is not None:
         _compare(known, want, what, image_size, source)
@@ -305,6 +341,7 @@ def read_pretrained(path: str | os.PathLike[str], *, image_size: int | None = No
         spec["image_size"] = spec["patch_size"] * 16  # nominal only: a sin-cos encoder runs at any size
     if not spec.get("depth"):
         raise WeightsError(f"checkpoint {source} has no transformer blocks and no config.json giving their number")
+    check_spec(spec, f"checkpoint {source}")  # with the fallbacks and the inferred num_heads
     spec.setdefault("mlp_hidden", None)
     try:
         cfg = EncoderConfig(**spec)

@@ -1,6 +1,7 @@
 """Argument checks shared by the public ops. Every failure names the argument."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Collection
 
@@ -9,6 +10,7 @@ import torch
 # float64 is accepted for the reference backend only (gradcheck and float64 oracles); kernels reject it.
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 def _values_checkable() -> bool:
@@ -47,6 +49,34 @@ def check_integer(name: str, x: object) -> None:
         raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
 
 
+def check_float(name: str, value: object, *, low: float, low_open: bool = False,
+                high: float | None = None) -> float:
+    """A finite real number in ``[low, high]`` (``(low, high]`` when ``low_open``): TypeError naming ``name``
+    for a non-number (bools included), ValueError for NaN, infinities or a value out of range. Returns it as
+    a float. Every backend gets the same checked value: the public ops call this before dispatch."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    try:
+        f = float(value)
+    except OverflowError:  # an int beyond the float range
+        f = math.inf if value > 0 else -math.inf
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if (f <= low if low_open else f < low) or (high is not None and f > high):
+        interval = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return f
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    """An int (not a bool) representable in int64, the dtype every backend compares targets in."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 [{INT64_MIN}, {INT64_MAX}], got {ignore_index}")
+    return int(ignore_index)
+
+
 def check_reduction(reduction: object) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -75,6 +105,9 @@ def check_targets(targets: torch.Tensor, shape: torch.Size, num_classes: int, ig
     if targets.device != device:
         raise ValueError(f"targets is on {targets.device} but the inputs are on {device}")
     if _values_checkable() and targets.numel() > 0:
+        # Compare values in int64, as the kernels do: in a narrower dtype ``ignore_index`` would wrap around
+        # (uint8 targets: -100 is 156) and an out-of-range target could pass as ignored.
+        targets = targets if targets.dtype == torch.int64 else targets.long()
         bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
         if bool(bad.any()):
             value = int(targets[bad][0])

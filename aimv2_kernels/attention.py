@@ -1,6 +1,8 @@
 """Public ``prefix_attention``: argument checks and backend dispatch."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _validate as V
@@ -30,7 +32,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_l
             fp32, bf16, fp16, on one device.
         prefix_lens: optional integer ``(B,)`` with values in ``[0, S]``.
         causal: False gives full bidirectional attention (``prefix_lens`` is then ignored).
-        scale: softmax scale; defaults to ``D ** -0.5``.
+        scale: softmax scale, finite (any sign); defaults to ``D ** -0.5``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
 
     Returns:
@@ -52,6 +54,10 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_l
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None:
+        # Finite, for every backend. Any sign: the mask is applied after scaling, so a negative or zero scale still
+        # masks (tests/test_attention_cpu.py::test_negative_scale).
+        scale = V.check_float("scale", scale, low=-math.inf)
     V.check_prefix_lens(prefix_lens, b, s, q.device)
 
     impl = resolve_backend("prefix_attention", backend, q.device, q.dtype)

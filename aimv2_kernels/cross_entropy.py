@@ -9,17 +9,18 @@ from .reference.cross_entropy import cross_entropy_reference, linear_cross_entro
 
 
 def _check_options(ignore_index, label_smoothing, z_loss, reduction) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
-        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
-    if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    """Checked before dispatch, identically for every backend: ``ignore_index`` an int64-representable int,
+    ``label_smoothing`` finite in [0, 1], ``z_loss`` finite and >= 0, ``reduction`` a known name."""
+    V.check_ignore_index(ignore_index)
+    V.check_float("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    V.check_float("z_loss", z_loss, low=0.0)
     V.check_reduction(reduction)
+
+
+def _as_int64(targets: torch.Tensor) -> torch.Tensor:
+    """The reference backend (``F.cross_entropy``) takes int64 (or uint8) targets only; the kernels read any
+    integer dtype as int64 values: the same values reach every backend."""
+    return targets if targets.dtype == torch.int64 else targets.long()
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
@@ -42,11 +43,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
     V.check_tensor("logits", logits, min_ndim=1)
     if logits.shape[-1] < 1:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
-    V.check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
     _check_options(ignore_index, label_smoothing, z_loss, reduction)
+    V.check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
     impl = resolve_backend("cross_entropy", backend, logits.device, logits.dtype)
     if impl == "reference":
-        return cross_entropy_reference(logits, targets, ignore_index=ignore_index,
+        return cross_entropy_reference(logits, _as_int64(targets), ignore_index=ignore_index,
                                        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                                        reduction=reduction)
     ce = kernel("cross_entropy", impl)
@@ -85,11 +86,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         V.check_same("bias", bias, "hidden", hidden)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    V.check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
     _check_options(ignore_index, label_smoothing, z_loss, reduction)
+    V.check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
     impl = resolve_backend("linear_cross_entropy", backend, hidden.device, hidden.dtype)
     if impl == "reference":
-        return linear_cross_entropy_reference(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+        return linear_cross_entropy_reference(hidden, weight, _as_int64(targets), bias=bias, ignore_index=ignore_index,
                                               label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                                               reduction=reduction)
     linear_ce = kernel("linear_cross_entropy", impl)

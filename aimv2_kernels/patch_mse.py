@@ -23,7 +23,7 @@ def patch_mse_loss(pred: torch.Tensor, images: torch.Tensor, patch_size: int,
         prefix_lens: optional integer ``(B,)`` in ``[0, N]``. Patch n of sample b counts iff
             ``n >= prefix_lens[b]``; all patches count when None.
         target_offset: 0 or more, less than N (the AIMv2 decoder passes 1: position i predicts patch i+1).
-        eps: added to the unbiased variance inside the sqrt of the per-patch normalisation.
+        eps: added to the unbiased variance inside the sqrt of the per-patch normalisation; finite, > 0.
         reduction: ``"mean"`` (sum over counted patches / their number in the whole batch; 0 with zero
             gradient when none count), ``"sum"``, or ``"none"`` (``(B, L)``, 0 where not counted).
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpu"``.
@@ -53,8 +53,7 @@ def patch_mse_loss(pred: torch.Tensor, images: torch.Tensor, patch_size: int,
     if pred.shape != (b, n - target_offset, p):
         raise ValueError(f"pred must have shape {(b, n - target_offset, p)} (B, N - target_offset, C*p*p) "
                          f"for images {tuple(images.shape)}, got {tuple(pred.shape)}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    eps = V.check_float("eps", eps, low=0.0, low_open=True)  # finite and > 0, for every backend
     V.check_reduction(reduction)
     V.check_prefix_lens(prefix_lens, b, n, pred.device)
 

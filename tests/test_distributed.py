@@ -89,7 +89,7 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
 
 
 # A script that runs aimv2-train (aimv2.train.main, the console script's entry point) with every checkpoint
-# pausing between writing its DCP shards and completing (rng files, state.pt, the rename into place), so a test
+# pausing between writing its DCP shards and completing (rng files, state.json, the rename into place), so a test
 # can SIGKILL a real run while a checkpoint is half written.
 _SLOW_CHECKPOINT = """\
 import sys
@@ -140,7 +140,7 @@ def test_sigkill_at_any_moment_resumes_to_the_same_losses(tmp_path):
     _run(_train_args(straight, steps))
     expected = _rows(straight)
 
-    # 1. SIGKILL while the step-6 checkpoint is half written: its shards are on disk, state.pt is not,
+    # 1. SIGKILL while the step-6 checkpoint is half written: its shards are on disk, state.json is not,
     #    and it still has its temporary name.
     launch = [sys.executable, str(_slow_checkpoint_script(tmp_path, pause=2.0)), *_train_flags(killed, steps)]
     proc = subprocess.Popen(launch, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -149,7 +149,7 @@ def test_sigkill_at_any_moment_resumes_to_the_same_losses(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     half = ckpts / ".tmp-step_00000006"
-    assert half.is_dir() and not (half / "state.pt").exists()
+    assert half.is_dir() and not (half / "state.json").exists()
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000003"]  # the half-written one is never picked
 
     # 2. Resume, and SIGKILL again at a random moment after step 8 was logged.

@@ -279,3 +279,25 @@ def test_cli_operational_errors_are_one_line_exit_1(tiny_run, tmp_path, capsys):
     assert main(["--pretrained", str(tiny_run), *FAST]) == 2
     err = capsys.readouterr().err
     assert "training run" in err and f"--checkpoint {tiny_run}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_out_is_checked_before_the_probe_runs(tmp_path, monkeypatch, capsys):
+    """--out naming a folder (exit 2) or a path that cannot be written (exit 1), and a --backend that cannot
+    run here (exit 2), are one line before any probe work; an existing --out file is left as it is."""
+    import aimv2.probe_cli as probe_cli
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the probe ran before --out was checked")
+
+    monkeypatch.setattr(probe_cli, "run_probes", no_probe)
+    (tmp_path / "file").write_text("keep")
+    for argv, rc, needle in ((["--out", str(tmp_path)], 2, "is a folder"),
+                             (["--out", str(tmp_path / "file" / "p.json")], 1, "cannot be written"),
+                             (["--backend", "cuda", "--device", "cpu"], 2, "--backend cuda")):
+        assert main(["--random", "aimv2-tiny", *argv, *FAST]) == rc, argv
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "file").read_text() == "keep"
+    with pytest.raises(AssertionError, match="probe ran"):  # a writable --out: the check lets the probe run
+        main(["--random", "aimv2-tiny", "--out", str(tmp_path / "file"), *FAST])
+    assert (tmp_path / "file").read_text() == "keep" and not (tmp_path / "p.json").exists()

@@ -55,7 +55,7 @@ def test_cli_resume_appends_metrics(tmp_path, capsys):
     args = ["--preset", "aimv2-tiny", "--out", str(out), "--batch-size", "4", "--ckpt-every", "5",
             "--log-every", "1", "--device", "cpu", "--no-progress"]
     assert main(args + ["--steps", "5"]) == 0
-    assert main(args + ["--steps", "8", "--resume"]) == 0
+    assert main(args + ["--steps", "8", "--resume", "--new-schedule"]) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
     printed = capsys.readouterr().out
@@ -90,7 +90,7 @@ def test_resume_errors_are_clear(tmp_path, capsys):
     (path / "dcp" / ".metadata").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         Trainer(_cfg(tmp_path, steps=2)).resume("latest")
-    (path / "state.pt").unlink()
+    (path / "state.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         Trainer(_cfg(tmp_path, steps=2)).resume("latest")
 

@@ -104,7 +104,7 @@ def test_a_failing_backend_is_an_error_row(tmp_path):
                   "--modes", "eager", "--backends", "cuda,reference", "--out", str(tmp_path)])
     assert rc == 0
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
-    assert "BackendUnavailableError" in rows[0]["error"] and rows[0]["median_ms"] is None
+    assert "--backend cuda cannot run" in rows[0]["error"] and rows[0]["median_ms"] is None
     assert rows[1]["error"] is None and rows[1]["median_ms"] > 0
 
 

@@ -3,6 +3,11 @@
 A sample that cannot be used (a corrupt, truncated or missing image, a missing or empty caption) raises
 ``BadSample`` with a one-line ``reason``, so the loader can skip and count it. Images are decoded with Pillow
 and converted to RGB by ``to_rgb`` (no mode is rejected).
+
+Limits (module constants, checked before anything that large is read or allocated; over one is a
+``BadSample``): ``MAX_IMAGE_PIXELS`` (64 megapixels, from the image header), ``MAX_IMAGE_BYTES`` (256 MiB of
+encoded image), ``MAX_CAPTION_BYTES`` (1 MiB: a caption file or member, a JSONL line) and ``MAX_JSON_DEPTH``
+(64 levels of JSON nesting).
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import re
+import stat
 
 import numpy as np
 
@@ -17,9 +25,18 @@ from .._extras import require
 
 Image = require("PIL.Image", "aimv2.data (image decoding)")
 
-__all__ = ["BadSample", "RawSample", "to_rgb", "decode_image"]
+__all__ = ["BadSample", "RawSample", "to_rgb", "decode_image", "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES",
+           "MAX_CAPTION_BYTES", "MAX_JSON_DEPTH"]
 
 _WHITE = (255, 255, 255, 255)
+
+# Limits on one sample, checked before anything of that size is allocated; a sample over one is a BadSample.
+MAX_IMAGE_PIXELS = 64_000_000  # declared width x height (read from the header, before decoding)
+MAX_IMAGE_BYTES = 256 << 20  # an encoded image file or tar member
+MAX_CAPTION_BYTES = 1 << 20  # a caption: a .txt / .json file or member, a JSONL line
+MAX_JSON_DEPTH = 64  # nesting of a JSON caption or JSONL line (json.loads recurses: deep nesting is a crash)
+# a string (its closing quote optional, so a scan never restarts inside one: linear time) or a bracket
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.S)
 
 
 class BadSample(Exception):
@@ -58,11 +75,46 @@ def _decode_text(data: bytes) -> str:
     return data.decode("utf-8-sig", errors="replace")
 
 
-def _json_caption(data: bytes | str, field: str, what: str) -> str:
+def _json_depth(text: str) -> int:
+    """The deepest ``[`` / ``{`` nesting of JSON ``text`` (brackets inside strings do not count); cheap: a
+    text with at most ``MAX_JSON_DEPTH`` brackets is not scanned."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return 0
+    depth = deepest = 0
+    for m in _JSON_TOKEN.finditer(text):
+        c = m.group()[0]
+        if c == "[" or c == "{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:  # deep enough to refuse: no need to read on
+                    break
+        elif c != '"':
+            depth -= 1
+    return deepest
+
+
+def _json_loads(data: bytes | str, what: str) -> object:
+    """``json.loads(data)`` within the limits: over ``MAX_CAPTION_BYTES``, nested deeper than ``MAX_JSON_DEPTH``
+    or malformed raises ``BadSample`` (never RecursionError or MemoryError)."""
+    if len(data) > MAX_CAPTION_BYTES:
+        raise BadSample(f"{what} of {len(data)} bytes is over the {MAX_CAPTION_BYTES}-byte limit")
     try:
-        obj = json.loads(data)
+        text = data.decode(json.detect_encoding(data), "surrogatepass") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:  # (what json.loads does with bytes: UTF-8, -16 or -32, BOM or not)
+        raise BadSample(f"malformed {what}: {exc}") from None
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise BadSample(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
     except ValueError as exc:
         raise BadSample(f"malformed {what}: {exc}") from None
+    except (RecursionError, MemoryError):
+        raise BadSample(f"{what} is too deeply nested or too large to parse") from None
+
+
+def _json_caption(data: bytes | str, field: str, what: str) -> str:
+    obj = _json_loads(data, what)
     if not isinstance(obj, dict):
         raise BadSample(f"{what} is a {type(obj).__name__}, not an object")
     if field not in obj or obj[field] is None:
@@ -114,26 +166,55 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes (any format Pillow reads) to a fully loaded ``"RGB"`` PIL image; a corrupt,
-    truncated or oversized (Pillow's decompression-bomb limit) image raises ``BadSample``."""
+def decode_image(data: bytes, *, min_side: int | None = None) -> Image.Image:
+    """Decode encoded image bytes (any format Pillow reads) to a fully loaded ``"RGB"`` PIL image.
+
+    A corrupt or truncated image raises ``BadSample``, and so does one whose header declares more than
+    ``MAX_IMAGE_PIXELS`` pixels (checked before decoding: ``Image.open`` only reads the header) or that
+    Pillow's decompression-bomb check refuses. ``min_side``: the caller needs no more than this many pixels on
+    either side, so a JPEG at least twice as large on both sides is decoded at a reduced scale (1/2, 1/4 or
+    1/8, Pillow's ``Image.draft``) that keeps both sides >= ``min_side``; other formats decode at full size.
+    """
     if not data:
         raise BadSample("empty image file")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadSample(f"image file of {len(data)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
     try:
-        img = Image.open(io.BytesIO(data))  # in memory: nothing to close
+        img = Image.open(io.BytesIO(data))  # in memory: nothing to close; reads the header only
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise BadSample(f"image too large: {width}x{height} is {width * height} pixels, over the limit of "
+                            f"{MAX_IMAGE_PIXELS}")
+        if min_side is not None and img.format == "JPEG" and min(width, height) >= 2 * min_side:
+            img.draft(img.mode, (min_side, min_side))  # the largest 1/2^k scale with both sides >= min_side
         img.load()  # decode now: a truncated file fails here, not later in a transform
         return to_rgb(img)
+    except BadSample:
+        raise
     except Image.DecompressionBombError as exc:
         raise BadSample(f"image too large: {exc}") from None
     except Exception as exc:  # Pillow raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
         raise BadSample(f"cannot decode image: {type(exc).__name__}: {exc}") from None
 
 
-def _read_file(path: str, what: str) -> bytes:
+def _read_file(path: str, what: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the regular file ``path``; BadSample when it is missing, unreadable, not a regular file
+    (a FIFO or a device would block or never end: it is opened non-blocking and refused) or over ``limit``."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         raise BadSample(f"missing {what} file {path}") from None
     except OSError as exc:
         raise BadSample(f"cannot read {what} file {path}: {exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadSample(f"{what} file {path} is not a regular file")
+        if st.st_size > limit:
+            raise BadSample(f"{what} file {path} of {st.st_size} bytes is over the {limit}-byte limit")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(st.st_size)  # no more than it had (a file growing meanwhile is read up to there)
+    except OSError as exc:
+        raise BadSample(f"cannot read {what} file {path}: {exc}") from None
+    finally:
+        os.close(fd)

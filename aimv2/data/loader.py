@@ -26,6 +26,7 @@ per batch stay constant. ``N`` is the patch count at ``image_size``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from .decode import BadSample
+from .sources import _Source
 from .transforms import Normalize, TrainTransform, fit_and_pad, native_grid
 
 __all__ = ["Batch", "LoaderBatch", "TrainLoader", "sample_budget_exponent"]
@@ -96,6 +98,18 @@ class _Plan:
     state: dict  # the loader state after this batch
 
 
+def _train_min_side(transform: object) -> int | None:
+    """The shorter image side below which ``transform`` (a ``TrainTransform``) would have to enlarge its
+    smallest possible crop: decoding a JPEG down to it loses nothing the output keeps. None for any other
+    transform (nothing is known of what it needs)."""
+    if not isinstance(transform, TrainTransform):
+        return None
+    lo, hi = transform.ratio
+    m = min(lo, 1.0 / lo, hi, 1.0 / hi, 1.0)  # the narrowest aspect of a crop, the fallback center crop too
+    f = min(math.sqrt(transform.scale[0] * m), m)  # smallest crop side / image's shorter side
+    return math.ceil(transform.image_size / f) + 1
+
+
 class _BatchBuilder(torch.utils.data.Dataset):
     """Turns a ``_Plan`` into a ``LoaderBatch``; runs in the DataLoader workers (or in-process)."""
 
@@ -103,12 +117,21 @@ class _BatchBuilder(torch.utils.data.Dataset):
         self.source, self.tokenizer, self.normalize = loader.source, loader.tokenizer, loader.normalize
         self.seed, self.transform, self.patch_size = loader.seed, loader.transform, loader.patch_size
         self.image_size = loader.image_size
+        # our sources decode a big JPEG at reduced size when the output needs far fewer pixels
+        self.drafts = isinstance(loader.source, _Source)
+        self.train_min_side = _train_min_side(loader.transform) if self.drafts else None
 
     def _image(self, index: int, rng: np.random.Generator, grid) -> tuple[torch.Tensor, str, int]:
         """(float32 (3, H, W) in [0, 1], caption, label) of sample ``index``; raises BadSample."""
         raw = getattr(self.source, "raw", None)
         # a tensor source (the bundled shapes) is already at image_size and is not augmented
-        sample = self.source[index] if raw is None else raw(index)
+        if raw is None:
+            sample = self.source[index]
+        elif self.drafts:
+            side = self.train_min_side if grid is None else max(grid) * self.patch_size
+            sample = raw(index, min_side=side)
+        else:
+            sample = raw(index)
         if grid is not None:
             image = fit_and_pad(sample.image, grid, self.patch_size)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import stat
 
 __all__ = ["IMAGE_EXTENSIONS"]
 
@@ -74,6 +75,8 @@ def _expand_shards(paths) -> list[str]:
                     raise ValueError(f"aimv2: data path {path} contains no .tar shards")
                 shards.extend(tars)
             elif os.path.exists(path):
+                if not os.path.isfile(path):  # a FIFO or a device would block the scan, or never end
+                    raise ValueError(f"aimv2: data path {path} is not a regular file")
                 shards.append(path)
             else:
                 raise FileNotFoundError(f"aimv2: data path {path} does not exist")
@@ -100,19 +103,65 @@ def _check_file(path) -> str:
     return _check_path(path, "path", folder=False)
 
 
+def _inside(path: str, root: str) -> bool:
+    """Whether the resolved ``path`` is ``root`` (resolved) or below it."""
+    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
+
+
 def _walk(root: str) -> list[tuple[str, list[str]]]:
     """``(relative dir, sorted file names)`` for every non-hidden directory under ``root`` (``""`` for the
-    root itself), in sorted depth-first order; follows directory symlinks, each real directory once."""
-    out, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop, or a second link to a directory already listed
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = os.path.relpath(dirpath, root)
-        out.append(("" if rel == "." else rel, sorted(f for f in filenames if not f.startswith("."))))
+    root itself), in sorted depth-first order (a directory before its subdirectories).
+
+    Only what resolves inside ``root`` is listed: a symlink (to a file or a directory) whose target lies
+    outside the resolved ``root`` is skipped, as are broken links and anything that is neither a directory
+    nor a regular file (FIFOs, sockets, devices would block or never end when read). Each real directory is
+    listed once (tracked by ``(st_dev, st_ino)``), so a symlink loop or a second link to a directory ends
+    there. Unreadable directories are skipped."""
+    real_root = os.path.realpath(root)
+    try:
+        st = os.stat(real_root)
+    except OSError:
+        return []
+    out: list[tuple[str, list[str]]] = []
+    seen = {(st.st_dev, st.st_ino)}
+    stack = [("", real_root)]  # (relative path, real path), popped depth first
+    while stack:
+        rel, real = stack.pop()
+        files, dirs = [], []
+        try:
+            with os.scandir(real) as it:
+                entries = list(it)
+        except OSError:
+            entries = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            try:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not _inside(target, real_root):
+                        continue  # never out of the data root
+                    tst = os.stat(target)
+                    if stat.S_ISDIR(tst.st_mode):
+                        dirs.append((name, target, (tst.st_dev, tst.st_ino)))
+                    elif stat.S_ISREG(tst.st_mode):
+                        files.append(name)
+                elif entry.is_dir(follow_symlinks=False):
+                    dst = entry.stat(follow_symlinks=False)
+                    dirs.append((name, entry.path, (dst.st_dev, dst.st_ino)))
+                elif entry.is_file(follow_symlinks=False):
+                    files.append(name)
+            except (OSError, ValueError):  # vanished, a broken link, a loop: skip it
+                continue
+        out.append((rel, sorted(files)))
+        todo = []
+        for name, real_dir, ident in sorted(dirs):
+            if ident in seen:  # a symlink loop, or a second link to a directory already listed
+                continue
+            seen.add(ident)
+            todo.append((os.path.join(rel, name) if rel else name, real_dir))
+        stack.extend(reversed(todo))
     return out
 
 

@@ -23,15 +23,25 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from .decode import BadSample, RawSample, _clean_caption, _decode_text, _json_caption, _read_file, decode_image
+from .decode import (
+    MAX_CAPTION_BYTES,
+    MAX_IMAGE_BYTES,
+    BadSample,
+    RawSample,
+    _clean_caption,
+    _decode_text,
+    _json_caption,
+    _json_loads,
+    _read_file,
+    decode_image,
+)
 from .paths import _IMAGE_RANK, _check_dir, _check_file, _expand_shards, _has_glob, _image_ext, _is_brace, _walk
 from .tar_index import _cached_tar_members, index_cache_dir
 
@@ -68,18 +78,21 @@ class _Source:
         self._index(index)
         return 0
 
-    def raw(self, index: int) -> RawSample:
+    def raw(self, index: int, *, min_side: int | None = None) -> RawSample:
         """Sample ``index`` decoded (negative indices count from the end); raises ``BadSample`` (with ``key``
-        set) when it cannot be used, IndexError / TypeError for a bad index."""
+        set) when it cannot be used, IndexError / TypeError for a bad index. ``min_side``: the most pixels the
+        caller needs on either side; a big JPEG may then be decoded at a reduced size (see ``decode_image``)."""
         i = self._index(index)
+        if min_side is not None and (isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1):
+            raise ValueError(f"min_side must be a positive int or None, got {min_side!r}")
         try:
-            return self._raw(i)
+            return self._raw(i, min_side)
         except BadSample as exc:
             if exc.key is None:
                 raise BadSample(exc.reason, self.key(i)) from None
             raise
 
-    def _raw(self, i: int) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
         raise NotImplementedError
 
     def key(self, index: int) -> str:
@@ -225,7 +238,9 @@ class TarShards(_Source):
                 self._files.move_to_end(shard)
             return f
 
-    def _read(self, shard: int, offset: int, size: int, what: str) -> bytes:
+    def _read(self, shard: int, offset: int, size: int, what: str, limit: int = MAX_CAPTION_BYTES) -> bytes:
+        if size > limit:  # checked before anything is allocated
+            raise BadSample(f"{what} member of {size} bytes is over the {limit}-byte limit")
         f = self._file(shard)
         try:
             if hasattr(os, "pread"):
@@ -249,7 +264,7 @@ class TarShards(_Source):
         i = self._index(index)
         return f"{self.shards[self._shard[i]]}:{self._keys[i].decode('utf-8', 'surrogateescape')}"
 
-    def _raw(self, i: int) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
         row, shard = self._rows[i].tolist(), int(self._shard[i])
         if row[_IMG_OFF] < 0:
             raise BadSample("missing image (no jpg/jpeg/png/webp member)")
@@ -267,7 +282,8 @@ class TarShards(_Source):
                 label = int(_decode_text(self._read(shard, row[_CLS_OFF], row[_CLS_LEN], ".cls")).strip())
             except ValueError:
                 label = -1
-        image = decode_image(self._read(shard, row[_IMG_OFF], row[_IMG_LEN], "image"))
+        image = decode_image(self._read(shard, row[_IMG_OFF], row[_IMG_LEN], "image", MAX_IMAGE_BYTES),
+                             min_side=min_side)
         return RawSample(image=image, caption=caption, key=self.key(i), label=label)
 
 
@@ -306,17 +322,17 @@ class ImageFolderCaptions(_Source):
     def key(self, index: int) -> str:
         return os.path.join(self.root, self._images[self._index(index)])
 
-    def _raw(self, i: int) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
         cap = self._captions[i]
         if cap is None:
             raise BadSample("missing caption (no same-stem .txt or .json file)")
-        data = _read_file(os.path.join(self.root, cap), "caption")
+        data = _read_file(os.path.join(self.root, cap), "caption", MAX_CAPTION_BYTES)
         if cap.lower().endswith(".json"):
             caption = _json_caption(data, self.json_field, "caption .json")
         else:
             caption = _decode_text(data)
         caption = _clean_caption(caption)
-        image = decode_image(_read_file(os.path.join(self.root, self._images[i]), "image"))
+        image = decode_image(_read_file(os.path.join(self.root, self._images[i]), "image"), min_side=min_side)
         return RawSample(image=image, caption=caption, key=self.key(i))
 
 
@@ -360,9 +376,9 @@ class ClassFolder(_Source):
     def key(self, index: int) -> str:
         return os.path.join(self.root, self._images[self._index(index)])
 
-    def _raw(self, i: int) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
         label = int(self._labels[i])
-        image = decode_image(_read_file(os.path.join(self.root, self._images[i]), "image"))
+        image = decode_image(_read_file(os.path.join(self.root, self._images[i]), "image"), min_side=min_side)
         return RawSample(image=image, caption=self.classes[label], key=self.key(i), label=label)
 
 
@@ -396,7 +412,7 @@ class _RowSource(_Source):
     def key(self, index: int) -> str:
         return f"{self.path}:{self._lines[self._index(index)]}"
 
-    def _raw(self, i: int) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
         if self._errors[i] is not None:
             raise BadSample(self._errors[i])
         image, caption = self._images[i], self._caps[i]
@@ -411,7 +427,8 @@ class _RowSource(_Source):
         if "://" in image:
             raise BadSample(f"image {image} is a URL (aimv2 does not download)")
         full = image if os.path.isabs(image) else os.path.join(self._base, image)
-        return RawSample(image=decode_image(_read_file(full, "image")), caption=caption, key=self.key(i))
+        return RawSample(image=decode_image(_read_file(full, "image"), min_side=min_side), caption=caption,
+                         key=self.key(i))
 
 
 class CSVSource(_RowSource):
@@ -455,6 +472,21 @@ class CSVSource(_RowSource):
         self._init_rows(path, images, captions, lines, [None] * len(images))
 
 
+def _bounded_lines(f: Any, limit: int) -> Iterator[str | None]:
+    """The lines of text file ``f``, each read into memory only up to ``limit`` characters: a longer line is
+    ``None`` (and the rest of it is skipped in chunks), so one giant line cannot exhaust memory."""
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith("\n"):
+            yield line
+            continue
+        while line and not line.endswith("\n"):  # too long: skip to its end
+            line = f.readline(1 << 16)
+        yield None
+
+
 class JSONLSource(_RowSource):
     """A JSON-lines file: one object per non-blank line, one sample per object.
 
@@ -468,15 +500,17 @@ class JSONLSource(_RowSource):
         path = _check_file(path)
         objs, lines, errors, keys = [], [], [], {}
         with open(path, encoding="utf-8-sig", errors="replace") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
+            for lineno, line in enumerate(_bounded_lines(f, MAX_CAPTION_BYTES), start=1):
+                if line is not None and not line.strip():
                     continue
                 lines.append(lineno)
                 try:
-                    obj = json.loads(line)
-                except ValueError as exc:
+                    if line is None:
+                        raise BadSample(f"JSON line over the {MAX_CAPTION_BYTES}-character limit")
+                    obj = _json_loads(line, "JSON line")
+                except BadSample as exc:
                     objs.append(None)
-                    errors.append(f"malformed JSON line: {exc}")
+                    errors.append(exc.reason)
                     continue
                 if not isinstance(obj, dict):
                     objs.append(None)
