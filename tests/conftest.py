@@ -30,6 +30,24 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture
+def backend(request, device):
+    """The kernel backend under test, for tests parametrised with ``backend`` (indirectly, see
+    ``backend_cases.for_backends``): skipped, with the reason, where one of the test module's ``OPS`` cannot run
+    on it here. A missing triton fails: it is a test dependency."""
+    from aimv2_kernels._backend import _unavailable_reason, triton_available
+
+    name = request.param
+    if name == "triton" and not triton_available():
+        pytest.fail("triton is not installed; it is a test dependency (pip install -e '.[test]')")
+    where = torch.device("cpu") if name == "cpu" else device
+    for op in request.module.OPS:
+        reason = _unavailable_reason(op, name, where)
+        if reason is not None:
+            pytest.skip(reason)
+    return name
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,12 +1,7 @@
 """cross_entropy and linear_cross_entropy's kernels, backend by backend, against the reference within the float64
 error budget.
 
-Every test runs for the backends it names (``for_backends``; the backend leads the test id, ``[cpu-...]`` or
-``[triton-...]``): ``cpu`` is the compiled extension ``aimv2_kernels._C`` (skipped when it is not built),
-``triton`` runs on CUDA tensors on a GPU and on CPU tensors through Triton's interpreter elsewhere
-(TRITON_INTERPRET=1, set by conftest.py; triton is a test dependency: missing, its tests fail instead of
-skipping). The ``cuda`` backend is tested in test_cuda_kernels.py. Tests of one backend's internals name only
-that backend.
+How the tests run over the backends: tests/backend_cases.py.
 """
 import importlib
 import os
@@ -18,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from backend_cases import BACKENDS, case_id, for_backends
 from ce_cases import check_backend
 from ce_cases import run as _run
 from ce_cases import targets_with_ignored as _targets
@@ -26,10 +22,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import aimv2_kernels
-from aimv2_kernels._backend import _unavailable_reason, load_extension, triton_available
+from aimv2_kernels._backend import load_extension
 from aimv2_kernels.reference.cross_entropy import cross_entropy_reference, linear_cross_entropy_reference
 
-BACKENDS = ("cpu", "triton")
+OPS = ("cross_entropy", "linear_cross_entropy")  # the `backend` fixture (conftest.py) skips where one cannot run
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REDUCTIONS = ["mean", "sum", "none"]
 # (ignore_index, label_smoothing, z_loss): the defaults; then all features, with an in-range ignore_index
@@ -48,37 +44,9 @@ MODULES = {"cpu": ("aimv2_kernels.compiled", "compiled", torch.float64),
            "triton": ("aimv2_kernels.triton", "triton", torch.float32)}
 
 
-def for_backends(*backends):
-    """Run the test once per backend (the `backend` fixture, parametrised indirectly). Apply it last (just
-    above the ``def``) so that the backend leads the test id."""
-    return pytest.mark.parametrize("backend", backends or BACKENDS, indirect=True)
-
-
-def _id(value):
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, tuple):
-        return "x".join(map(str, value))
-    return None
-
-
 def _cases(per_backend, *axes):
     """``(backend, *one value of each axis, one value of the backend's list in per_backend)``, every combination."""
     return [(b, *case) for b in BACKENDS for case in product(*axes, per_backend[b])]
-
-
-@pytest.fixture
-def backend(request, device):
-    """The backend under test: skipped, with the reason, where it cannot run here."""
-    name = request.param
-    if name == "triton" and not triton_available():
-        pytest.fail("triton is not installed; it is a test dependency (pip install -e '.[test]')")
-    where = torch.device("cpu") if name == "cpu" else device
-    for op in ("cross_entropy", "linear_cross_entropy"):
-        reason = _unavailable_reason(op, name, where)
-        if reason is not None:
-            pytest.skip(reason)
-    return name
 
 
 @pytest.fixture
@@ -106,7 +74,7 @@ def kernels(backend):
 # ---------------------------------------------------------------- cross_entropy over given logits
 
 @pytest.mark.parametrize("backend,dtype,reduction,options,shape",
-                         _cases(CE_SHAPES, LOW_DTYPES, REDUCTIONS, OPTIONS[:2]), indirect=["backend"], ids=_id)
+                         _cases(CE_SHAPES, LOW_DTYPES, REDUCTIONS, OPTIONS[:2]), indirect=["backend"], ids=case_id)
 def test_cross_entropy_matches_reference(backend, dev, dtype, shape, reduction, options):
     """Through aimv2_kernels.cross_entropy(backend=...). (An ignore_index outside [0, V) is covered by
     test_cross_entropy_target_dtypes_and_ignore_index.)"""
@@ -127,7 +95,7 @@ def test_cross_entropy_matches_reference(backend, dev, dtype, shape, reduction, 
         assert (ours[0][~counted] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=case_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @for_backends()
 def test_cross_entropy_all_ignored(backend, dev, kernels, dtype, reduction):
@@ -139,7 +107,7 @@ def test_cross_entropy_all_ignored(backend, dev, kernels, dtype, reduction):
     assert (logits.grad == 0).all()
 
 
-@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=case_id)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @for_backends()
 def test_cross_entropy_large_logits(backend, dev, kernels, dtype, reduction):
@@ -153,7 +121,7 @@ def test_cross_entropy_large_logits(backend, dev, kernels, dtype, reduction):
                   f"1e4 logits {backend} {dtype} {reduction}", **kw)
 
 
-@pytest.mark.parametrize("target_dtype", [torch.int32, torch.int16, torch.uint8], ids=_id)
+@pytest.mark.parametrize("target_dtype", [torch.int32, torch.int16, torch.uint8], ids=case_id)
 @for_backends()
 def test_cross_entropy_target_dtypes_and_ignore_index(backend, dev, kernels, target_dtype):
     """Any integer target dtype gives the int64 result; ignore_index may lie inside or outside [0, V)."""
@@ -197,7 +165,7 @@ def _raw(op, *args):
     return getattr(torch.ops.aimv2, op)(*args)
 
 
-@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=case_id)
 @for_backends("cpu")
 def test_raw_ops_agree(backend, dtype):
     """Forward with gradient, backward from the saved lse, and in place give one gradient; loss and lse agree
@@ -322,10 +290,10 @@ def _chunked(lce, chunk):
     return fn
 
 
-@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=case_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("options", OPTIONS, ids=_id)
+@pytest.mark.parametrize("options", OPTIONS, ids=case_id)
 @for_backends()
 def test_linear_cross_entropy_matches_reference(backend, dev, kernels, dtype, reduction, with_bias, options):
     """33 tokens in chunks of 10 (three full chunks and a remainder of 3), V = 50."""
@@ -334,7 +302,7 @@ def test_linear_cross_entropy_matches_reference(backend, dev, kernels, dtype, re
 
 
 @pytest.mark.parametrize("backend,dtype,reduction,n_chunk", _cases(WIDE_VOCAB, LOW_DTYPES, REDUCTIONS),
-                         indirect=["backend"], ids=_id)
+                         indirect=["backend"], ids=case_id)
 def test_linear_cross_entropy_wide_vocab(backend, dev, kernels, dtype, reduction, n_chunk):
     """V = 1003 (vector tails; several blocks over V, the last one partial) with a bias, in the chunks of
     WIDE_VOCAB."""
@@ -435,7 +403,7 @@ class RecordOps(RecordShapes):
 
 @pytest.mark.parametrize("backend,reduction,dtype",
                          _cases({"cpu": [torch.float32, torch.bfloat16], "triton": [torch.float32]},
-                                ["mean", "none"]), indirect=["backend"], ids=_id)
+                                ["mean", "none"]), indirect=["backend"], ids=case_id)
 def test_linear_cross_entropy_never_holds_full_logits(backend, dev, kernels, reduction, dtype):
     """No tensor of N x V elements exists, forward or backward; the (chunk, V) buffer does. (cpu: neither fp32,
     gradients computed in the forward, nor bf16, recomputed in the backward.)"""

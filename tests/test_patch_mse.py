@@ -1,20 +1,16 @@
 """patch_mse_loss's kernels, backend by backend, against the reference within the float64 error budget.
 
-Every test runs for the backends it names (``for_backends``; the backend leads the test id, ``[cpu-...]`` or
-``[triton-...]``): ``cpu`` is the compiled extension ``aimv2_kernels._C`` (skipped when it is not built),
-``triton`` runs on CUDA tensors on a GPU and on CPU tensors through Triton's interpreter elsewhere
-(TRITON_INTERPRET=1, set by conftest.py; triton is a test dependency: missing, its tests fail instead of
-skipping). The ``cuda`` backend is tested in test_cuda_kernels.py. Tests of one backend's internals name only
-that backend.
+How the tests run over the backends: tests/backend_cases.py.
 """
 import importlib
 from itertools import product
 
 import pytest
 import torch
+from backend_cases import BACKENDS, case_id, for_backends
 
 from aimv2_kernels import patch_mse_loss
-from aimv2_kernels._backend import _unavailable_reason, load_extension, triton_available
+from aimv2_kernels._backend import load_extension
 from aimv2_kernels.reference.patch_mse import counted_mask, patch_mse_loss_reference
 from aimv2_kernels.testing import FORWARD_K, GRADIENT_K, assert_within_budget, random_prefix_lens
 
@@ -25,7 +21,7 @@ except ImportError:  # the triton cases then fail in the `backend` fixture; the 
     triton = None
 
 OP = "patch_mse_loss"
-BACKENDS = ("cpu", "triton")
+OPS = ("patch_mse_loss",)  # the `backend` fixture (conftest.py) skips where one cannot run
 MODULES = {"cpu": "aimv2_kernels.compiled.patch_mse", "triton": "aimv2_kernels.triton.patch_mse"}
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -36,32 +32,6 @@ SHAPES = {
     "cpu": [(4, 3, 28, 28, 14), (5, 1, 9, 15, 3), (4, 2, 10, 25, 5), (6, 3, 12, 8, 4)],
     "triton": [(5, 3, 28, 42, 14), (4, 1, 10, 15, 5), (5, 2, 9, 12, 3)],
 }
-
-
-def for_backends(*backends):
-    """Run the test once per backend (the `backend` fixture, parametrised indirectly). Apply it last (just
-    above the ``def``) so that the backend leads the test id."""
-    return pytest.mark.parametrize("backend", backends or BACKENDS, indirect=True)
-
-
-def _id(value):
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, tuple):
-        return "x".join(map(str, value))
-    return None
-
-
-@pytest.fixture
-def backend(request, device):
-    """The backend under test: skipped, with the reason, where it cannot run here."""
-    name = request.param
-    if name == "triton" and not triton_available():
-        pytest.fail("triton is not installed; it is a test dependency (pip install -e '.[test]')")
-    reason = _unavailable_reason(OP, name, torch.device("cpu") if name == "cpu" else device)
-    if reason is not None:
-        pytest.skip(reason)
-    return name
 
 
 @pytest.fixture
@@ -117,7 +87,7 @@ def _reference_cases():
 
 
 @pytest.mark.parametrize("backend,dtype,shape,target_offset,reduction,with_prefix", list(_reference_cases()),
-                         indirect=["backend"], ids=_id)
+                         indirect=["backend"], ids=case_id)
 def test_matches_reference(backend, dev, dtype, shape, target_offset, reduction, with_prefix):
     images, pred, n = _inputs(shape, dtype, target_offset, dev)
     batch, length = shape[0], n - target_offset
@@ -133,7 +103,7 @@ def test_matches_reference(backend, dev, dtype, shape, target_offset, reduction,
             assert (out[skipped] == 0).all()
 
 
-@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=case_id)
 @pytest.mark.parametrize("target_offset", [0, 1])
 @for_backends()
 def test_no_counted_rows_gives_zero(backend, dev, dtype, target_offset):
@@ -189,7 +159,7 @@ def test_value_same_with_and_without_autograd(backend, dev):
 @pytest.mark.parametrize("dtype,with_prefix,target_offset", [
     (torch.float32, True, 1),
     (torch.bfloat16, False, 0),
-], ids=_id)
+], ids=case_id)
 @for_backends()
 def test_opcheck(backend, dev, dtype, with_prefix, target_offset):
     ops = importlib.import_module(MODULES[backend])

@@ -14,67 +14,14 @@ Modules:
 - ``loader``: ``TrainLoader``, the world-size-invariant, resumable training loader.
 """
 
-from .bundled import ImageTextSource, Sample, Scene, ShapesDataset, ShapeSpec, build_dataset
-from .decode import BadSample, RawSample, decode_image, to_rgb
-from .loader import Batch, LoaderBatch, TrainLoader, sample_budget_exponent
-from .paths import IMAGE_EXTENSIONS
-from .sources import ClassFolder, CSVSource, ImageFolderCaptions, JSONLSource, TarShards, open_source
-from .tar_index import INDEX_CACHE_ENV, index_cache_dir
-from .transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NORMALIZATIONS,
-    EvalTransform,
-    Normalize,
-    TrainTransform,
-    fit_and_pad,
-    native_grid,
-    random_resized_crop_box,
-    to_tensor,
-)
+from . import bundled, decode, loader, paths, sources, tar_index, transforms
+from .bundled import *  # noqa: F403  (each module's __all__ is the package's public names)
+from .decode import *  # noqa: F403
+from .loader import *  # noqa: F403
+from .paths import *  # noqa: F403
+from .sources import *  # noqa: F403
+from .tar_index import *  # noqa: F403
+from .transforms import *  # noqa: F403
 
-__all__ = [
-    # bundled
-    "Sample",
-    "ImageTextSource",
-    "ShapeSpec",
-    "Scene",
-    "ShapesDataset",
-    "build_dataset",
-    # decode
-    "BadSample",
-    "RawSample",
-    "decode_image",
-    "to_rgb",
-    # paths, tar_index
-    "IMAGE_EXTENSIONS",
-    "INDEX_CACHE_ENV",
-    "index_cache_dir",
-    # sources
-    "TarShards",
-    "ImageFolderCaptions",
-    "CSVSource",
-    "JSONLSource",
-    "ClassFolder",
-    "open_source",
-    # transforms
-    "to_tensor",
-    "random_resized_crop_box",
-    "TrainTransform",
-    "EvalTransform",
-    "native_grid",
-    "fit_and_pad",
-    "Normalize",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "NORMALIZATIONS",
-    # loader
-    "Batch",
-    "LoaderBatch",
-    "TrainLoader",
-    "sample_budget_exponent",
-]
+__all__ = [name for module in (bundled, decode, paths, tar_index, sources, transforms, loader)
+           for name in module.__all__]
