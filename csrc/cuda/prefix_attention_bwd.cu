@@ -60,21 +60,8 @@ __device__ __forceinline__ void dkdv_tile(const T* sKw, const T* sVw, const T* s
                                           int lane) {
   constexpr int LD = D + 8;
   const int t = lane & 3;
-  // S^T = K Q^T: A = K rows of the warp, B(k = d, n = query) = Q[query][d].
   float s[BM / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < BM / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    load_a<LD>(a, sKw, 0, kk * 16, lane);
-#pragma unroll
-    for (int nt = 0; nt < BM / 8; ++nt) {
-      uint32_t b[2];
-      load_b<LD>(b, sQt, nt * 8, kk * 16, lane);
-      mma16816<T>(s[nt], a, b[0], b[1]);
-    }
-  }
+  mma_rows_by_rows<T, LD, D, BM>(s, sKw, sQt, lane);  // S^T = K Q^T
   // s[nt][e]: key j0 + 8 (e >> 1), query m0 + c with c = 8 nt + 2t + (e & 1). P^T = 2^(s2 - lse2[query]).
 #pragma unroll
   for (int nt = 0; nt < BM / 8; ++nt) {
@@ -89,53 +76,16 @@ __device__ __forceinline__ void dkdv_tile(const T* sKw, const T* sVw, const T* s
       s[nt][e] = pr;
     }
   }
-  // dV += P^T dO: A = P^T (block kk of queries), B(k = query, n = d) = dO[query][d].
-#pragma unroll
-  for (int kk = 0; kk < BM / 16; ++kk) {
-    uint32_t a[4];
-    acc_to_a<T>(a, s, kk);
-#pragma unroll
-    for (int dd = 0; dd < D / 16; ++dd) {
-      uint32_t b[4];
-      load_b_trans<LD>(b, sDOt, kk * 16, dd * 16, lane);
-      mma16816<T>(dv[2 * dd], a, b[0], b[1]);
-      mma16816<T>(dv[2 * dd + 1], a, b[2], b[3]);
-    }
-  }
-  // dP^T = V dO^T: A = V rows of the warp, B(k = d, n = query) = dO[query][d].
+  mma_frags_by_rows<T, LD, BM, D>(dv, s, sDOt, lane);  // dV += P^T dO
   float dp[BM / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < BM / 8; ++nt) dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    load_a<LD>(a, sVw, 0, kk * 16, lane);
-#pragma unroll
-    for (int nt = 0; nt < BM / 8; ++nt) {
-      uint32_t b[2];
-      load_b<LD>(b, sDOt, nt * 8, kk * 16, lane);
-      mma16816<T>(dp[nt], a, b[0], b[1]);
-    }
-  }
+  mma_rows_by_rows<T, LD, D, BM>(dp, sVw, sDOt, lane);  // dP^T = V dO^T
   // dS^T = P^T (dP^T - delta[query]).
 #pragma unroll
   for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[nt][e] *= dp[nt][e] - sDelta[nt * 8 + 2 * t + (e & 1)];
   }
-  // dK += dS^T Q: B(k = query, n = d) = Q[query][d].
-#pragma unroll
-  for (int kk = 0; kk < BM / 16; ++kk) {
-    uint32_t a[4];
-    acc_to_a<T>(a, s, kk);
-#pragma unroll
-    for (int dd = 0; dd < D / 16; ++dd) {
-      uint32_t b[4];
-      load_b_trans<LD>(b, sQt, kk * 16, dd * 16, lane);
-      mma16816<T>(dk[2 * dd], a, b[0], b[1]);
-      mma16816<T>(dk[2 * dd + 1], a, b[2], b[3]);
-    }
-  }
+  mma_frags_by_rows<T, LD, BM, D>(dk, s, sQt, lane);  // dK += dS^T Q
 }
 
 // lse2 / delta of queries [m0, m0 + BM) into shared memory (0 past S).
@@ -238,26 +188,8 @@ __device__ __forceinline__ void dq_tile(const T* sQw, const T* sDOw, const T* sK
                                         int n0, int i0, int S, int M, float scale_log2, int lane) {
   constexpr int LD = D + 8;
   float s[BN / 8][4], dp[BN / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < BN / 8; ++nt) {
-    s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.f;
-  }
-  // S = Q K^T and dP = dO V^T: B(k = d, n = key) = K[key][d] / V[key][d].
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4], ad[4];
-    load_a<LD>(a, sQw, 0, kk * 16, lane);
-    load_a<LD>(ad, sDOw, 0, kk * 16, lane);
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-      uint32_t b[2];
-      load_b<LD>(b, sK, nt * 8, kk * 16, lane);
-      mma16816<T>(s[nt], a, b[0], b[1]);
-      load_b<LD>(b, sV, nt * 8, kk * 16, lane);
-      mma16816<T>(dp[nt], ad, b[0], b[1]);
-    }
-  }
+  mma_rows_by_rows<T, LD, D, BN>(s, sQw, sK, lane);    // S = Q K^T
+  mma_rows_by_rows<T, LD, D, BN>(dp, sDOw, sV, lane);  // dP = dO V^T
   // s[nt][e]: query i0 + 8 (e >> 1), key n0 + 8 nt + 2 (lane % 4) + (e & 1). dS = P (dP - delta).
 #pragma unroll
   for (int nt = 0; nt < BN / 8; ++nt) {
@@ -271,19 +203,7 @@ __device__ __forceinline__ void dq_tile(const T* sQw, const T* sDOw, const T* sK
       s[nt][e] = pr * (dp[nt][e] - delta[e >> 1]);
     }
   }
-  // dQ += dS K: A = dS (block kk of keys), B(k = key, n = d) = K[key][d].
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    uint32_t a[4];
-    acc_to_a<T>(a, s, kk);
-#pragma unroll
-    for (int dd = 0; dd < D / 16; ++dd) {
-      uint32_t b[4];
-      load_b_trans<LD>(b, sK, kk * 16, dd * 16, lane);
-      mma16816<T>(dq[2 * dd], a, b[0], b[1]);
-      mma16816<T>(dq[2 * dd + 1], a, b[2], b[3]);
-    }
-  }
+  mma_frags_by_rows<T, LD, BN, D>(dq, s, sK, lane);  // dQ += dS K
 }
 
 template <class T, int D, int BM, int BN>

@@ -27,19 +27,7 @@ __device__ __forceinline__ void forward_tile(const T* sQw, const T* sK, const T*
                                              int M, float scale_log2, int lane) {
   constexpr int LD = D + 8;
   float s[BN / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    load_a<LD>(a, sQw, 0, kk * 16, lane);
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-      uint32_t b[2];
-      load_b<LD>(b, sK, nt * 8, kk * 16, lane);
-      mma16816<T>(s[nt], a, b[0], b[1]);
-    }
-  }
+  mma_rows_by_rows<T, LD, D, BN>(s, sQw, sK, lane);  // S = Q K^T
   // s[nt][e]: query i0 + 8 (e >> 1), key n0 + 8 nt + 2 (lane % 4) + (e & 1).
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -83,19 +71,7 @@ __device__ __forceinline__ void forward_tile(const T* sQw, const T* sK, const T*
     acc[dt][2] *= alpha[1];
     acc[dt][3] *= alpha[1];
   }
-  // O += P V: A = P (block kk of keys), B(k = key, n = d) = V[key][d].
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    uint32_t a[4];
-    acc_to_a<T>(a, s, kk);
-#pragma unroll
-    for (int dd = 0; dd < D / 16; ++dd) {
-      uint32_t b[4];
-      load_b_trans<LD>(b, sV, kk * 16, dd * 16, lane);
-      mma16816<T>(acc[2 * dd], a, b[0], b[1]);
-      mma16816<T>(acc[2 * dd + 1], a, b[2], b[3]);
-    }
-  }
+  mma_frags_by_rows<T, LD, BN, D>(acc, s, sV, lane);  // O += P V
 }
 
 template <class T, int D, int BM, int BN>

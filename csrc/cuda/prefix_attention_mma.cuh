@@ -185,6 +185,45 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&x)[NT8]
   a[3] = pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
 }
 
+// The two warp products of every attention kernel, over the warp's 16 rows:
+// c = A B^T with A(16 x K) the rows [0, 16) of the row-major shared matrix sA and B(k, n) = sB[n * LD + k],
+// n < N (scores Q K^T, K Q^T, V dO^T, dO V^T); c is overwritten.
+template <class T, int LD, int K, int N>
+__device__ __forceinline__ void mma_rows_by_rows(float (&c)[N / 8][4], const T* sA, const T* sB, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < N / 8; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    load_a<LD>(a, sA, 0, kk * 16, lane);
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+      uint32_t b[2];
+      load_b<LD>(b, sB, nt * 8, kk * 16, lane);
+      mma16816<T>(c[nt], a, b[0], b[1]);
+    }
+  }
+}
+
+// acc += X B with X(16 x K) the warp's fp32 fragments x rounded to T (acc_to_a) and B(k, n) = sB[k * LD + n],
+// n < D (O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K).
+template <class T, int LD, int K, int D>
+__device__ __forceinline__ void mma_frags_by_rows(float (&acc)[D / 8][4], const float (&x)[K / 8][4], const T* sB,
+                                                  int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    acc_to_a<T>(a, x, kk);
+#pragma unroll
+    for (int dd = 0; dd < D / 16; ++dd) {
+      uint32_t b[4];
+      load_b_trans<LD>(b, sB, kk * 16, dd * 16, lane);
+      mma16816<T>(acc[2 * dd], a, b[0], b[1]);
+      mma16816<T>(acc[2 * dd + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 __device__ __forceinline__ int prefix_of(const Params& p, int b) {
   return attn::visible_prefix(p.causal, p.prefix != nullptr ? p.prefix[b] : 0, p.S);
 }
