@@ -12,8 +12,8 @@ replaced by one synthetic batch (normalized-like ``randn`` images, random captio
 ``pad_id``) drawn once: nothing is downloaded and no data loading is timed. Warm-up steps (which hold
 ``torch.compile``'s compilation) are not timed; each timed step is wall time (CUDA synchronized after it).
 Reported: median step time and its 20th/80th percentiles, images/s = batch / median, the achieved model FLOP
-rate (:func:`model_flops_per_step` / median), and on a GPU the MFU against the measured bf16 rate of an 8192^3
-matmul. ``--out DIR`` writes ``train_throughput-<device>-<date>.{json,md}``.
+rate (:func:`aimv2.flops.model_flops_per_step` / median), and on a GPU the MFU against the measured bf16 rate
+of an 8192^3 matmul. ``--out DIR`` writes ``train_throughput-<device>-<date>.{json,md}``.
 
 ``--backends all`` (the default) is ``"reference"`` plus every backend that
 :func:`aimv2_kernels.available_backends` lists for all three ops on the device, except ``"triton"`` on the CPU
@@ -53,6 +53,7 @@ import harness
 import train_profile
 
 from aimv2.config import PRESETS, AIMv2Config
+from aimv2.flops import model_flops_breakdown, model_flops_per_step  # the FLOP model lives in the package
 from aimv2_kernels import BACKENDS, available_backends
 
 OPS = ("patch_mse_loss", "prefix_attention", "linear_cross_entropy")
@@ -61,88 +62,6 @@ MATMUL_N = 8192  # the MFU denominator: the measured rate of one bf16 (N, N) @ (
 CPU_DEFAULTS = {"preset": "aimv2-demo", "batch_size": 8, "steps": 5, "warmup": 2}
 CUDA_DEFAULTS = {"preset": "aimv2-large-patch14-224", "batch_size": 128, "steps": 20, "warmup": 5}
 PROFILE_DEFAULTS = {"steps": 3, "warmup": 1}
-
-
-# -- model FLOPs --------------------------------------------------------------------------------------------
-
-def _sum_prefix_squares(prefix_lens, batch: int, n: int) -> float:
-    """``sum_b M_b^2`` of the drawn prefixes, or its expectation for M uniform in ``{1, ..., N-1}``."""
-    if prefix_lens is None:
-        return batch * n * (2 * n - 1) / 6  # E[M^2] = sum_{m=1}^{N-1} m^2 / (N-1) = N (2N - 1) / 6
-    values = [int(m) for m in (prefix_lens.tolist() if isinstance(prefix_lens, torch.Tensor) else prefix_lens)]
-    if len(values) != batch:
-        raise ValueError(f"prefix_lens must hold {batch} values (one per sample), got {len(values)}")
-    if any(not 0 <= m <= n for m in values):
-        raise ValueError(f"prefix_lens values must be in [0, {n}], got {values}")
-    return float(sum(m * m for m in values))
-
-
-def model_flops_breakdown(cfg: AIMv2Config, batch: int, prefix_lens=None, *,
-                          attention: str = "visible") -> dict[str, float]:
-    """Forward matmul FLOPs (2 per multiply-add) of one batch, per part of the model.
-
-    Parts: ``patch_embed`` (the conv as a ``(B*N, C*p*p) @ (C*p*p, D)`` matmul), ``encoder_linear`` (per block
-    qkv ``D x 3D``, proj ``D x D`` and the SwiGLU's fc1, fc3 ``D x F`` and fc2 ``F x D`` over B*N tokens),
-    ``encoder_attention``, ``image_proj`` (``D_enc x D_dec`` over B*N tokens), ``decoder_linear`` (the same per
-    block over ``S = N + 1 + T`` tokens), ``decoder_attention``, ``pixel_head`` (``D_dec x C*p*p`` over the
-    ``N - 1`` predicting positions) and ``text_head`` (``D_dec x V`` over the T caption positions).
-    Norms, softmax, element-wise ops and the optimizer are not counted.
-
-    Attention (both matmuls, ``QK^T`` and ``PV``), with ``D`` the model width (heads x head dim):
-    ``attention="visible"`` counts the visible (query, key) pairs, as the op benchmarks' accounting
-    (bench/README.md) does: prefix-causal encoder ``2 D sum_b (N^2 + M_b^2)`` per block, causal decoder
-    ``2 B S^2 D`` (half of full); ``attention="dense"`` counts every pair, ``4 B S^2 D`` per block, which is
-    what the reference backend computes (dense scores, then a mask).
-
-    Args:
-        cfg: the model's config.
-        batch: images per step.
-        prefix_lens: the encoder's per-sample prefix lengths (``(B,)`` ints in ``[0, N]``), or None for the
-            expectation over AIMv2's draw, uniform in ``{1, ..., N-1}``.
-        attention: ``"visible"`` or ``"dense"``.
-    """
-    if attention not in ("visible", "dense"):
-        raise ValueError(f"attention must be 'visible' or 'dense', got {attention!r}")
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
-    enc, dec = cfg.encoder, cfg.decoder
-    n, t, patch = enc.num_patches, dec.context_length, enc.patch_dim
-    s = n + 1 + t
-
-    def linears(tokens: int, dim: int, hidden: int, depth: int) -> int:
-        return depth * 2 * tokens * (3 * dim * dim + dim * dim + 3 * dim * hidden)
-
-    if attention == "visible":
-        enc_attn = enc.depth * 2 * enc.dim * (batch * n * n + _sum_prefix_squares(prefix_lens, batch, n))
-        dec_attn = dec.depth * 2 * batch * s * s * dec.dim
-    else:
-        if prefix_lens is not None:
-            _sum_prefix_squares(prefix_lens, batch, n)  # the same argument checks
-        enc_attn = enc.depth * 4 * batch * n * n * enc.dim
-        dec_attn = dec.depth * 4 * batch * s * s * dec.dim
-    return {
-        "patch_embed": 2 * batch * n * patch * enc.dim,
-        "encoder_linear": linears(batch * n, enc.dim, enc.mlp_hidden, enc.depth),
-        "encoder_attention": enc_attn,
-        "image_proj": 2 * batch * n * enc.dim * dec.dim,
-        "decoder_linear": linears(batch * s, dec.dim, dec.mlp_hidden, dec.depth),
-        "decoder_attention": dec_attn,
-        "pixel_head": 2 * batch * (n - 1) * dec.dim * patch,
-        "text_head": 2 * batch * t * dec.dim * dec.vocab_size,
-    }
-
-
-def model_flops_per_step(cfg: AIMv2Config, batch: int, prefix_lens=None, *, attention: str = "visible") -> float:
-    """Model FLOPs of one training step (forward + backward), for MFU.
-
-    Every matmul costs 3x its forward (the forward, the gradient of its input, the gradient of its weight),
-    except the patch embedding, 2x: nothing needs the gradient of the images. These are model FLOPs: an
-    attention kernel that recomputes the scores in its backward (bench/README.md counts that backward as 2.5x
-    the forward) does more work than this counts, and masked-out score blocks that a dense kernel computes
-    anyway are not counted with ``attention="visible"``. Arguments as :func:`model_flops_breakdown`.
-    """
-    parts = model_flops_breakdown(cfg, batch, prefix_lens, attention=attention)
-    return 2 * parts["patch_embed"] + 3 * sum(v for k, v in parts.items() if k != "patch_embed")
 
 
 # -- backends, inputs and the training step -----------------------------------------------------------------
