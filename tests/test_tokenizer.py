@@ -1,12 +1,20 @@
-"""Tests of aimv2.tokenizer: byte and SentencePiece tokenizers, padding, truncation, errors."""
+"""Tests of aimv2.tokenizer: byte and SentencePiece tokenizers, padding, truncation, errors, text cleaning."""
 
 import sys
+import types
 
 import pytest
 import torch
 
 from aimv2.data import ShapesDataset
-from aimv2.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer, clean_text
+from aimv2.tokenizer import (
+    ByteTokenizer,
+    SentencePieceTokenizer,
+    TextCleaning,
+    Tokenizer,
+    build_tokenizer,
+    clean_text,
+)
 
 # ---------------------------------------------------------------------------------------------- bytes
 
@@ -150,3 +158,84 @@ def test_missing_train_extra_is_named(monkeypatch):
     with pytest.raises(ImportError, match=r"aimv2-train's progress bar needs 'tqdm'.*\[train\]"):
         require("tqdm.auto", "aimv2-train's progress bar")
     assert require("json", "anything").dumps([]) == "[]"
+
+
+# ---------------------------------------------------------------------------------------------- cleaning
+
+def _fake_ftfy(calls=None):
+    """A stand-in ``ftfy`` module: ``fix_text`` repairs one mojibake and records what it was given."""
+    mod = types.ModuleType("ftfy")
+
+    def fix_text(text):
+        if calls is not None:
+            calls.append(text)
+        return text.replace("Ã©", "é").replace("“", '"').replace("”", '"')
+
+    mod.fix_text = fix_text
+    return mod
+
+
+def test_text_cleaning_steps():
+    c = TextCleaning(ftfy=False)
+    assert (c.lower, c.strip_punctuation, c.ftfy) == (True, False, False)
+    assert c.apply("  A\tLARGE \n Red&nbsp;&amp;amp; Circle  ") == "a large red & circle"  # &nbsp; is whitespace
+    assert c.apply("X&amp;amp;Y &lt;b&gt;") == "x&y <b>"  # unescaped twice, as open_clip does
+    assert TextCleaning(lower=False, ftfy=False).apply(" Hello  World ") == "Hello World"
+    punct = TextCleaning(strip_punctuation=True, ftfy=False)
+    assert punct.apply("A red, ring. (small) &amp; x") == "a red ring small x"
+    assert punct.apply(" ... ") == ""
+    assert clean_text("A&amp;amp;B", lower=False) == "A&B" == TextCleaning(lower=False, ftfy=False).apply("A&amp;amp;B")
+    assert clean_text("A, b!", strip_punctuation=True) == "a b"
+    assert c.to_dict() == {"lower": True, "strip_punctuation": False, "ftfy": False}
+    assert TextCleaning.from_dict(c.to_dict()) == c
+    with pytest.raises(TypeError, match="lower"):
+        TextCleaning(lower=1)
+    with pytest.raises(TypeError, match="strip_punctuation"):
+        TextCleaning(strip_punctuation="yes")
+    with pytest.raises(TypeError, match="ftfy"):
+        TextCleaning(ftfy=0)
+    with pytest.raises(TypeError, match="text"):
+        c.apply(b"bytes")
+    with pytest.raises(ValueError, match=r"unknown option.*'nfkc'"):
+        TextCleaning.from_dict({"lower": True, "strip_punctuation": False, "ftfy": False, "nfkc": True})
+    with pytest.raises(ValueError, match="lacks"):
+        TextCleaning.from_dict({"lower": True, "ftfy": False})
+    with pytest.raises(ValueError, match=r"cleaning\.lower must be true or false"):
+        TextCleaning.from_dict({"lower": 1, "strip_punctuation": False, "ftfy": False})
+
+
+def test_text_cleaning_ftfy_first_and_auto(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "ftfy", _fake_ftfy(calls))
+    on = TextCleaning(ftfy=True)
+    assert on.apply("  CafÃ©  &amp;amp; “Bar” ") == 'café & "bar"'
+    assert calls == ["  CafÃ©  &amp;amp; “Bar” "]  # ftfy saw the raw text: it runs first
+    assert TextCleaning().ftfy is True  # None: decided when made, from whether ftfy imports
+    assert TextCleaning(ftfy=False).apply("CafÃ©") == "cafã©"
+    assert clean_text("CafÃ©") == "cafã©"  # clean_text keeps its old behaviour: no ftfy unless asked
+    assert clean_text("CafÃ©", ftfy=None) == "café"
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # now `import ftfy` fails
+    assert TextCleaning().ftfy is False
+    with pytest.raises(ImportError, match="pip install ftfy"):
+        on.apply("x")
+
+
+def test_tokenizers_share_the_cleaning(sp_model):
+    assert ByteTokenizer().cleaning == TextCleaning(lower=True, strip_punctuation=False, ftfy=False)
+    tok = SentencePieceTokenizer(sp_model)  # no sidecar: the cleaning of before sidecars existed
+    assert tok.sidecar is None and tok.cleaning == TextCleaning(ftfy=False)
+    assert tok.lower is True and tok.strip_punctuation is False
+    assert "cleaning=" in repr(tok)
+    with pytest.raises(TypeError, match="lower"):
+        SentencePieceTokenizer(sp_model, lower="no")
+    with pytest.raises(TypeError, match="ftfy"):
+        SentencePieceTokenizer(sp_model, ftfy=1)
+
+
+def test_sentencepiece_ftfy_option(sp_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ftfy", _fake_ftfy())
+    tok = SentencePieceTokenizer(sp_model, ftfy=True)
+    assert tok.cleaning.ftfy and tok.encode("a “red” ring") == tok.encode('a "red" ring')
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    with pytest.raises(ImportError, match="ftfy=True needs 'ftfy'"):
+        SentencePieceTokenizer(sp_model, ftfy=True)
