@@ -97,6 +97,7 @@ class AIMv2Config:
     img_loss_weight: float = 0.4  # L = L_text + 0.4 * L_img
     backend: str = "auto"
     peak_lr: float = 1e-3  # recipe value for this size (paper Table A1)
+    warmup_steps: int | None = None  # recipe warm-up (the paper: 12,500 for every size); None: 10% of the run
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "AIMv2Config":
@@ -115,6 +116,8 @@ class AIMv2Config:
         return cls(encoder=EncoderConfig(**d.pop("encoder")), decoder=DecoderConfig(**d.pop("decoder")), **d)
 
 
+PAPER_WARMUP_STEPS = 12_500  # linear warm-up of every released size (paper Table A1)
+
 _SIZES = {  # width, heads, peak LR (depth 24 and head_dim 128 for all)
     "large": (1024, 8, 1e-3),
     "huge": (1536, 12, 8e-4),
@@ -129,7 +132,7 @@ def _released(size: str, image_size: int):
     def make() -> AIMv2Config:
         return AIMv2Config(name=f"aimv2-{size}-patch14-{image_size}",
                            encoder=EncoderConfig(image_size=image_size, dim=dim, depth=24, num_heads=heads),
-                           decoder=DecoderConfig(), peak_lr=lr)
+                           decoder=DecoderConfig(), peak_lr=lr, warmup_steps=PAPER_WARMUP_STEPS)
     return make
 
 

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 
 from aimv2_kernels import prefix_attention
 
+# Activation checkpointing of a block (:func:`set_activation_checkpointing`): "none" keeps every activation,
+# "full" keeps only the block's input and recomputes the block in the backward pass, "selective" keeps the
+# outputs of the matmuls and of the attention op and recomputes the rest (norms, SiLU, products, sums).
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
 # Every module of aimv2 initialises itself in its constructor with its documented initialiser (``init_weights``),
 # as torch's own modules do. A module built inside another aimv2 module leaves that to the outermost one, whose
 # ``init_weights`` covers its children: each parameter is initialised once, and ``AIMv2(cfg)`` draws the same
@@ -97,9 +102,34 @@ class SwiGLU(nn.Module):
         return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
 
 
+def _saved_by_selective(func: object) -> bool:
+    """Whether selective activation checkpointing keeps ``func``'s output: matmuls and aimv2's own ops (the
+    attention forward, whose recomputation would cost as much as the matmuls)."""
+    aten = torch.ops.aten
+    return func in (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default) or \
+        getattr(func, "namespace", None) == "aimv2"
+
+
+def _selective_policy(ctx: object, func: object, *args: object, **kwargs: object) -> object:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if _saved_by_selective(func) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts() -> tuple:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(norm_1(x))``, then ``x + mlp(norm_2(x))``. Initialised as the trunk
-    (:meth:`init_weights`)."""
+    (:meth:`init_weights`).
+
+    ``activation_checkpointing`` (one of :data:`ACTIVATION_CHECKPOINTING`, set by
+    :func:`set_activation_checkpointing`) applies when gradients are enabled: the block's computation runs under
+    ``torch.utils.checkpoint`` (non-reentrant) inside the block's own ``__call__``, so that an FSDP2 unit's
+    hooks stay outside the recomputed region."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float, backend: str):
         super().__init__()
@@ -109,6 +139,7 @@ class Block(nn.Module):
         self.norm_2 = nn.RMSNorm(dim, eps=eps)
         with _building_children():
             self.mlp = SwiGLU(dim, mlp_hidden)
+        self.activation_checkpointing = "none"
         _init_unless_nested(self)
 
     def init_weights(self) -> None:
@@ -116,6 +147,15 @@ class Block(nn.Module):
         _xavier_and_ones(self)
 
     def forward(self, x: torch.Tensor, prefix_lens: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        mode = self.activation_checkpointing
+        if mode == "none" or not torch.is_grad_enabled():
+            return self._forward(x, prefix_lens, causal)
+        from torch.utils.checkpoint import checkpoint
+
+        extra = {"context_fn": _selective_contexts} if mode == "selective" else {}
+        return checkpoint(self._forward, x, prefix_lens, causal, use_reentrant=False, **extra)
+
+    def _forward(self, x: torch.Tensor, prefix_lens: torch.Tensor | None, causal: bool) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), prefix_lens, causal)
         return x + self.mlp(self.norm_2(x))
 
@@ -138,6 +178,27 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """Trunk linears are xavier-uniform (official training code); RMSNorm scales are 1."""
         _xavier_and_ones(self)
+
+
+def set_activation_checkpointing(module: nn.Module, mode: str) -> int:
+    """Set activation checkpointing on every :class:`Block` inside ``module`` (or ``module`` itself).
+
+    Args:
+        module: any module holding blocks (an ``AIMv2``, an encoder, a ``Transformer``).
+        mode: ``"none"``, ``"full"`` (recompute the whole block in the backward pass; only its input is kept)
+            or ``"selective"`` (keep the matmuls' and the attention op's outputs; recompute norms and
+            element-wise ops).
+    Returns:
+        The number of blocks set. Works on a plain model and under FSDP2 (apply before or after
+        ``fully_shard``), eager or compiled. The outputs and gradients are those of ``"none"`` (the
+        recomputation repeats the same ops).
+    """
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"mode must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.activation_checkpointing = mode
+    return len(blocks)
 
 
 def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, *, device: torch.device | str | None = None,

@@ -46,18 +46,23 @@ from .checkpoint import (
 from .cli import OperationalError, Parser, UsageError, check_backend, one_line, resolve_device, run_main
 from .config import PRESETS, AIMv2Config
 from .data import NORMALIZATIONS
-from .model import AIMv2
+from .layers import ACTIVATION_CHECKPOINTING, set_activation_checkpointing
+from .model import AIMv2, count_parameters
 
 
 @dataclass
 class TrainConfig:
-    """One training run. ``None`` fields take the preset's recipe value."""
+    """One training run: every field is a flag of ``aimv2-train`` and a key of its ``--config`` file.
+    ``None`` fields take the preset's recipe value."""
     preset: str = "aimv2-demo"
     out: str = "runs/demo"
+    config: str | None = None  # the TOML file the values came from (recorded; flags typed override it)
     steps: int = 300
     batch_size: int = 32  # the global batch: images per optimizer step over all ranks
+    micro_batch_size: int | None = None  # images per forward/backward on one rank; None: the rank's whole slice
+    image_size: int | None = None  # None: the preset's; else this square resolution (a learned grid to match)
     lr: float | None = None  # peak LR; None: the preset's (1e-3 L, 8e-4 H/1B, 4e-4 3B)
-    warmup_steps: int | None = None  # None: 10% of steps (the paper: 12.5k of 1.5M)
+    warmup_steps: int | None = None  # None: the preset's (12,500 released sizes), at most 10% of steps
     init_lr: float = 1e-6  # warm-up starts here
     min_lr: float = 1e-5  # cosine ends here
     weight_decay: float = 1e-4  # "fully decoupled": torch AdamW gets weight_decay / peak_lr
@@ -65,6 +70,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     device: str | None = None  # None: cuda when available, else cpu
     backend: str = "auto"
+    compile: bool = False  # torch.compile every block (after activation checkpointing, before FSDP2)
+    activation_checkpointing: str = "none"  # per block: none, full or selective (aimv2.layers)
+    init_from: str | None = None  # start from a run folder, checkpoint or released weights (fresh optimizer)
+    init_decoder: str = "load"  # with init_from: "load" the source's decoder (when it has one) or keep a "fresh" one
     data: str = "shapes"  # "shapes" (bundled) or a path: webdataset shards, a folder, a CSV or a JSONL file
     normalize: str = "imagenet"  # or "clip"
     augment: bool | None = None  # RandomResizedCrop + flip; None: on for real data, off for shapes
@@ -80,12 +89,27 @@ class TrainConfig:
     restart: bool = False  # out holds another run: move it aside into out/previous-<UTC time>/ and start fresh
     new_schedule: bool = False  # resume with another --steps: rebuild the LR schedule for the new total
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run (exit status 1)
+    tensorboard: bool | None = None  # None: event files in OUT/tensorboard when tensorboard is installed
+    wandb: bool = False  # Weights & Biases (offline when the service cannot be reached)
+    wandb_project: str | None = None
     progress: bool = True
 
 
-def lr_at(step: int, cfg: TrainConfig, peak: float) -> float:
-    """Linear warm-up from ``init_lr`` to ``peak`` over ``warmup`` steps, then cosine down to ``min_lr``."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 10)
+def warmup_steps(cfg: TrainConfig, recipe: int | None) -> int:
+    """The warm-up length: ``--warmup-steps`` when given; else the preset's recipe (``recipe``, 12,500 steps for
+    the released sizes as in the paper), capped at 10% of ``--steps`` so that a shorter run (under 125,000 steps)
+    still spends 90% of its steps at and after the peak; else 10% of ``--steps``."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    tenth = max(1, cfg.steps // 10)
+    return min(recipe, tenth) if recipe is not None else tenth
+
+
+def lr_at(step: int, cfg: TrainConfig, peak: float, warmup: int | None = None) -> float:
+    """Linear warm-up from ``init_lr`` to ``peak`` over ``warmup`` steps (default: :func:`warmup_steps` without a
+    recipe), then cosine down to ``min_lr``."""
+    if warmup is None:
+        warmup = warmup_steps(cfg, None)
     if step < warmup:
         return cfg.init_lr + (peak - cfg.init_lr) * step / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
@@ -99,6 +123,16 @@ MODEL_OPS = ("prefix_attention", "patch_mse_loss", "linear_cross_entropy")
 # Files and folders of a run in OUT: either of the first two means OUT holds a run.
 RUN_MARKERS = ("metrics.jsonl", "checkpoints")
 LOCK_FILE = ".lock"
+
+
+def byte_tokenizer_refusal(preset: str, vocab_size: int, byte_vocab: int) -> str:
+    """The message that refuses the byte tokenizer for a preset with a larger vocabulary (a 32k released
+    preset): most of its text embedding and head would never see a token."""
+    return (f"preset {preset} has a vocabulary of {vocab_size} (the paper's SigLIP SentencePiece tokenizer), but "
+            f"--tokenizer is 'bytes' ({byte_vocab} symbols): {vocab_size - byte_vocab} rows of the text embedding "
+            f"and head would never be trained. Pass --tokenizer PATH.model: SigLIP's spiece.model (hf download "
+            f"google/siglip-base-patch16-224 spiece.model --local-dir DIR) or one trained on your captions with "
+            f"'aimv2-tokenizer train --data DATA --out tokenizer.model' (32k by default)")
 
 
 class DivergedError(OperationalError):
@@ -176,14 +210,27 @@ class Trainer:
         check_backend(cfg.backend, self.device, MODEL_OPS)
         if cfg.batch_size % self.world_size:
             raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of the world size {self.world_size}")
+        self.local_batch = cfg.batch_size // self.world_size
+        self.micro_batch = cfg.micro_batch_size or self.local_batch
+        if self.local_batch % self.micro_batch:
+            raise UsageError(f"--micro-batch-size {self.micro_batch} does not divide the per-rank batch "
+                             f"{self.local_batch} (--batch-size {cfg.batch_size} over {self.world_size} ranks)")
+        self.micro_batches = self.local_batch // self.micro_batch
         self.model_cfg = AIMv2Config.from_name(cfg.preset, backend=cfg.backend)
         if cfg.native_resolution and self.model_cfg.encoder.pos_embed != "sincos":
             self.model_cfg.encoder = dataclasses.replace(self.model_cfg.encoder, pos_embed="sincos")
+        if cfg.image_size is not None and cfg.image_size != self.model_cfg.encoder.image_size:
+            try:
+                self.model_cfg.encoder = dataclasses.replace(self.model_cfg.encoder, image_size=cfg.image_size)
+            except ValueError as exc:
+                raise UsageError(f"--image-size {cfg.image_size}: {one_line(exc)}") from None
         dec = self.model_cfg.decoder
         try:  # 'bytes' or a SentencePiece file: anything else, a missing file or no sentencepiece is a bad flag
             self.tokenizer = build_tokenizer(cfg.tokenizer, context_length=dec.context_length)
         except (ValueError, FileNotFoundError, ImportError) as exc:
             raise UsageError(f"--tokenizer {cfg.tokenizer}: {one_line(exc)}") from exc
+        if cfg.tokenizer == "bytes" and dec.vocab_size > self.tokenizer.vocab_size:
+            raise UsageError(byte_tokenizer_refusal(cfg.preset, dec.vocab_size, self.tokenizer.vocab_size))
         if self.tokenizer.vocab_size > dec.vocab_size:
             raise UsageError(f"--tokenizer {cfg.tokenizer} has {self.tokenizer.vocab_size} tokens but preset "
                              f"{cfg.preset} has a vocabulary of {dec.vocab_size}")
@@ -214,10 +261,30 @@ class Trainer:
                                   native_budgets=tuple(cfg.native_budgets) if cfg.native_resolution else None)
         self.batches = self.loader
         torch.manual_seed(cfg.seed)
-        self.model = AIMv2(self.model_cfg).to(self.device)
+        model = AIMv2(self.model_cfg)
+        self.init_report = None
+        if cfg.init_from:  # before sharding: the source's tensors go into the whole model
+            from .init_from import init_from
+            from .layouts import WeightsError
+            try:
+                self.init_report = init_from(cfg.init_from, model, decoder=cfg.init_decoder)
+            except WeightsError as exc:  # unreadable or unknown released weights
+                raise OperationalError(f"--init-from {cfg.init_from}: {one_line(exc)}") from None
+            except ValueError as exc:  # another architecture or vocabulary: a bad --init-from for this run
+                raise UsageError(f"--init-from {cfg.init_from}: {one_line(exc)}") from None
+        self.param_counts = (count_parameters(model.encoder), count_parameters(model.decoder))
+        self.model = model.to(self.device)
+        # torchtitan's order: activation checkpointing, then compile, then FSDP2, all per block.
+        set_activation_checkpointing(self.model, cfg.activation_checkpointing)
+        if cfg.compile:
+            for trunk in (self.model.encoder.trunk, self.model.decoder.trunk):
+                for block in trunk.blocks:
+                    block.compile()
         if self.world_size > 1:
             self.model = shard_model(self.model, self.device, self.world_size)
         self.peak_lr = cfg.lr if cfg.lr is not None else self.model_cfg.peak_lr
+        self.warmup = warmup_steps(cfg, self.model_cfg.warmup_steps)
+        self._flops_per_step: float | None = None
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay / self.peak_lr),
                                            lr=self.peak_lr, betas=cfg.betas, eps=1e-8)
         self.step = 0  # completed optimizer steps (a skipped non-finite step counts: its batch is consumed)
@@ -273,34 +340,58 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
-        """One optimizer step on the next batch; returns the step's metrics (host-side floats, global means)."""
+        """One optimizer step on the next batch; returns the step's metrics (host-side floats, global means).
+
+        The rank's slice of the global batch runs as ``micro_batches`` forward/backward passes of
+        ``micro_batch`` images each. Every pass back-propagates its share of the *global* means: its image and
+        text losses weighted by its counted patches and tokens over the counts of the whole global batch (times
+        the world size, which FSDP's mean reduction divides out), so the accumulated gradient is that of the
+        whole batch at once, on any number of ranks and micro-batches. Prefix lengths are drawn once for the
+        rank's whole slice, as a single pass would draw them. Under FSDP2 the gradients are reduce-scattered
+        once per step, after the last micro-batch.
+        """
+        start = time.perf_counter()
         batch = next(self.batches)
         images = batch.images.to(self.device, non_blocking=True)
         tokens = batch.tokens.to(self.device, non_blocking=True)
         prefix = getattr(batch, "prefix_lens", None)
-        prefix = prefix.to(self.device, non_blocking=True) if prefix is not None else None
-        lr = lr_at(self.step, self.cfg, self.peak_lr)
+        p = self.model_cfg.encoder.patch_size
+        n = (images.shape[-2] // p) * (images.shape[-1] // p)
+        if prefix is None:  # the draw the model makes for a whole batch in training mode
+            prefix = self.model.sample_prefix_lens(images.shape[0], images.device, num_patches=n)
+        else:
+            prefix = prefix.to(self.device, non_blocking=True)
+        lr = lr_at(self.step, self.cfg, self.peak_lr, self.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = self.model(images, tokens, prefix)
-        if self.world_size > 1:
-            p = self.model_cfg.encoder.patch_size
-            n = (images.shape[-2] // p) * (images.shape[-1] // p)
-            local = torch.stack([(n - out.prefix_lens.clamp(min=1)).sum().double(),
-                                 (tokens != self.model_cfg.decoder.pad_id).sum().double()])
-            total = _global_sum(local.clone())
-            share_img, share_txt = (local[0] / total[0]).float(), (local[1] / total[1]).float()
-            loss_img, loss_txt = out.loss_img * share_img, out.loss_txt * share_txt
+        pad = self.model_cfg.decoder.pad_id
+        # Counted image targets and caption tokens of this rank, and of the global batch.
+        local = torch.stack([(n - prefix.clamp(min=1)).sum().double(), (tokens != pad).sum().double()])
+        total = _global_sum(local.clone())
+        logged = torch.zeros(2, dtype=torch.float32, device=self.device)  # image, text: shares of global means
+        sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2
+        k, m_size = self.micro_batches, self.micro_batch
+        for i in range(k):
+            sl = slice(i * m_size, (i + 1) * m_size)
+            img, tok, pre = images[sl], tokens[sl], prefix[sl]
+            if sync is not None:
+                sync(i == k - 1)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                out = self.model(img, tok, pre)
+            if k == 1 and self.world_size == 1:  # the whole batch in one pass: the model's own means
+                loss_img, loss_txt = out.loss_img, out.loss_txt
+            else:
+                counts = torch.stack([(n - pre.clamp(min=1)).sum().double(), (tok != pad).sum().double()])
+                share = (counts / total).float()
+                loss_img, loss_txt = out.loss_img * share[0], out.loss_txt * share[1]
             loss = (loss_txt + self.model_cfg.img_loss_weight * loss_img) * self.world_size
-            logged = _global_sum(torch.stack([loss_img.detach(), loss_txt.detach()]).float())
-            loss_img_v, loss_txt_v = logged[0].item(), logged[1].item()
-            loss_v = loss_txt_v + self.model_cfg.img_loss_weight * loss_img_v
-        else:
-            loss = out.loss
-            loss_v, loss_img_v, loss_txt_v = out.loss.item(), out.loss_img.item(), out.loss_txt.item()
-        loss.backward()
+            loss.backward()
+            logged += torch.stack([loss_img.detach(), loss_txt.detach()]).float()
+        skipped_now = len(getattr(self.loader, "skipped", ()))
+        logged = _global_sum(torch.cat([logged, torch.tensor([float(skipped_now)], device=self.device)]))
+        loss_img_v, loss_txt_v, skipped_v = (float(v) for v in logged.tolist())
+        loss_v = loss_txt_v + self.model_cfg.img_loss_weight * loss_img_v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -317,11 +408,28 @@ class Trainer:
         self.step += 1
         m = {"step": self.step, "loss": loss_v, "loss_img": loss_img_v, "loss_txt": loss_txt_v, "lr": lr,
              "grad_norm": grad_norm_v, "images": int(getattr(batch, "global_size", images.shape[0])),
-             "patches": int(images.shape[-2] * images.shape[-1] // self.model_cfg.encoder.patch_size ** 2),
-             "bad_steps": self.bad_steps}
+             "patches": n, "tokens": int(total[1].item()), "bad_steps": self.bad_steps,
+             "skipped_samples": int(skipped_v), "micro_batches": k,
+             "step_time_s": time.perf_counter() - start}
         if not finite:
             m["skipped_update"] = True
         return m
+
+    def mfu(self, step_seconds: float) -> float | None:
+        """Model FLOPs utilisation of a step of ``step_seconds``: the model's FLOPs per step
+        (:func:`aimv2.flops.model_flops_per_step`, global batch) over the peak of all ranks' devices; None where
+        the device's peak is unknown (a CPU, an unlisted GPU: set ``AIMV2_PEAK_TFLOPS``) and at native
+        resolution (the patches per image vary)."""
+        from .flops import model_flops_per_step, peak_flops
+
+        if self.cfg.native_resolution:
+            return None
+        peak = peak_flops(self.device)
+        if peak is None or step_seconds <= 0:
+            return None
+        if self._flops_per_step is None:
+            self._flops_per_step = model_flops_per_step(self.model_cfg, self.cfg.batch_size)
+        return self._flops_per_step / (step_seconds * peak * self.world_size)
 
     def parameters_finite(self) -> bool:
         """Whether every parameter is finite on every rank (a collective when distributed)."""
@@ -534,34 +642,34 @@ def _run(cfg: TrainConfig, folder: RunFolder, tqdm: Callable) -> dict:
         (trainer.out / "config.json").write_text(json.dumps(
             {"train": dataclasses.asdict(cfg), "model": trainer.model_cfg.to_dict(),
              "world_size": trainer.world_size}, indent=2))
+        (trainer.out / "config.toml").write_text(resolved_toml(cfg))
+        print(banner(trainer), file=sys.stderr, flush=True)
 
     first = last = None
     # disable=None: no bar when stderr is not a terminal (CI logs); --no-progress turns it off everywhere.
     bar = tqdm(total=cfg.steps, initial=trainer.step, disable=None if cfg.progress and lead else True,
                unit="step", dynamic_ncols=True)
-    window_start, window_images = time.perf_counter(), 0
+    window = _Window()
     save_pending = False  # a checkpoint fell due during a streak of non-finite steps: write it after the streak
-    log = open(metrics_path, "a") if lead else None
+    log = _metrics_logger(trainer) if lead else None
     try:
         while trainer.step < cfg.steps:
             m = trainer.train_step()
-            window_images += m["images"]
+            window.add(m)
             bad = m.get("skipped_update", False)
             if bad or trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
-                now = time.perf_counter()
-                m["images_per_s"] = window_images / max(now - window_start, 1e-9)
-                window_start, window_images = now, 0
-                if lead:
-                    log.write(json.dumps(m) + "\n")
-                    log.flush()
+                m.update(window.rates(trainer))
+                if log is not None:
+                    log.log(m)
                 if not bad:
                     first = first or m
                     last = m
                 bar.set_postfix(loss=f"{m['loss']:.3f}", img=f"{m['loss_img']:.3f}", txt=f"{m['loss_txt']:.3f}",
                                 ips=f"{m['images_per_s']:.0f}")
                 if lead and bar.disable and cfg.progress:  # not a terminal: one plain line per logged step
+                    mfu = f"  MFU {m['mfu']:.1%}" if m.get("mfu") is not None else ""
                     print(f"step {m['step']}/{cfg.steps}  loss {m['loss']:.4f}  img {m['loss_img']:.4f}  "
-                          f"txt {m['loss_txt']:.4f}  lr {m['lr']:.2e}  {m['images_per_s']:.1f} img/s"
+                          f"txt {m['loss_txt']:.4f}  lr {m['lr']:.2e}  {m['images_per_s']:.1f} img/s{mfu}"
                           + ("  (non-finite: update skipped)" if bad else ""), file=sys.stderr, flush=True)
             if trainer.bad_streak >= cfg.max_bad_steps:
                 _diverged(trainer, m)
@@ -597,6 +705,120 @@ def _run(cfg: TrainConfig, folder: RunFolder, tqdm: Callable) -> dict:
             "world_size": trainer.world_size, "bad_steps": trainer.bad_steps}
 
 
+class _Window:
+    """Throughput over the steps since the last logged one: images/s, caption tokens/s and MFU."""
+
+    def __init__(self) -> None:
+        self.start, self.images, self.tokens, self.steps = time.perf_counter(), 0, 0, 0
+
+    def add(self, m: dict) -> None:
+        self.images += m["images"]
+        self.tokens += m["tokens"]
+        self.steps += 1
+
+    def rates(self, trainer: Trainer) -> dict:
+        now = time.perf_counter()
+        seconds = max(now - self.start, 1e-9)
+        out = {"images_per_s": self.images / seconds, "tokens_per_s": self.tokens / seconds,
+               "mfu": trainer.mfu(seconds / max(self.steps, 1))}
+        out.update(_peak_memory(trainer.device))
+        self.start, self.images, self.tokens, self.steps = now, 0, 0, 0
+        return out
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """``peak_mem_gib``: the most GPU memory allocated (None on a CPU); ``peak_rss_gib``: this process's peak
+    resident memory (Linux and macOS)."""
+    out: dict = {"peak_mem_gib": None}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out["peak_rss_gib"] = rss / (2**30 if sys.platform == "darwin" else 2**20)
+    return out
+
+
+def _metrics_logger(trainer: Trainer):
+    """Rank 0's sinks: OUT/metrics.jsonl (the record), TensorBoard and W&B as asked (aimv2.metrics)."""
+    from .metrics import MetricsLogger
+
+    cfg = trainer.cfg
+    try:
+        return MetricsLogger(trainer.out, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                             wandb_project=cfg.wandb_project, wandb_name=trainer.out.name,
+                             run_config={"train": dataclasses.asdict(cfg), "model": trainer.model_cfg.to_dict(),
+                                         "world_size": trainer.world_size},
+                             start_step=trainer.step)
+    except ImportError as exc:
+        raise UsageError(one_line(exc)) from None
+
+
+def resolved_toml(cfg: TrainConfig) -> str:
+    """The run's resolved configuration as a ``--config`` file (what OUT/config.toml holds)."""
+    from .run_config import dump_toml
+
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
+              if k not in ("config", "resume", "restart", "new_schedule")}
+    written = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    header = (f"aimv2-train's resolved configuration of this run (written {written})"
+              f"{f', read from {cfg.config} and the flags typed' if cfg.config else ''}.\n"
+              f"Run it again with: aimv2-train --config {Path(cfg.out) / 'config.toml'} --out NEW_FOLDER")
+    return dump_toml(values, header=header)
+
+
+def banner(trainer: Trainer) -> str:
+    """The start-of-run summary: preset and parameters, device and dtype, the backend each op resolved to, the
+    world size, the batch (global, per rank, micro-batches), patches and tokens per step, and the schedule."""
+    from aimv2_kernels._backend import resolve_backend
+
+    cfg, mc, enc = trainer.cfg, trainer.model_cfg, trainer.model_cfg.encoder
+    dev = trainer.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dev.type == "cuda":
+        precision = ("bf16 parameters and fp32 gradient reduction (FSDP2)" if trainer.world_size > 1
+                     else "bf16 autocast over fp32 parameters")
+    else:
+        precision = "fp32"
+    resolved = []
+    for op in MODEL_OPS:
+        try:
+            resolved.append(f"{op}={resolve_backend(op, cfg.backend, dev, dtype)}")
+        except Exception as exc:  # reported, not fatal: the first forward raises with the full reason
+            resolved.append(f"{op}=unavailable ({one_line(exc)})")
+    n = enc.num_patches
+    res = (f"native resolution (2^{cfg.native_budgets[0]}-2^{cfg.native_budgets[1]} patches per image)"
+           if cfg.native_resolution else f"{enc.image_size} px ({n} patches of {enc.patch_size}x{enc.patch_size})")
+    enc_p, dec_p = trainer.param_counts
+    recipe = mc.warmup_steps
+    if cfg.warmup_steps is not None:
+        why = "--warmup-steps"
+    elif recipe is not None and trainer.warmup < recipe:
+        why = f"10% of the run: the recipe's {recipe:,} is capped for runs under {10 * recipe:,} steps"
+    elif recipe is not None:
+        why = "the paper's"
+    else:
+        why = "10% of the run"
+    lines = [
+        f"aimv2-train: preset {mc.name}: {(enc_p + dec_p) / 1e6:,.1f}M parameters (encoder {enc_p / 1e6:,.1f}M, "
+        f"decoder {dec_p / 1e6:,.1f}M), {res}, tokenizer {cfg.tokenizer} ({trainer.tokenizer.vocab_size} tokens)",
+        f"  device {dev} ({name}), {precision}; world size {trainer.world_size}",
+        f"  backends ({cfg.backend}): {', '.join(resolved)}",
+        f"  batch {cfg.batch_size} global = {trainer.world_size} x {trainer.local_batch} per rank = "
+        f"{trainer.micro_batches} micro-batch(es) of {trainer.micro_batch} per rank",
+        f"  per step: {cfg.batch_size:,} images"
+        + ("" if cfg.native_resolution else f", {cfg.batch_size * n:,} patches")
+        + f", up to {cfg.batch_size * mc.decoder.context_length:,} caption tokens",
+        f"  schedule: {cfg.steps:,} steps, peak lr {trainer.peak_lr:g}, warm-up {trainer.warmup:,} ({why}), "
+        f"weight decay {cfg.weight_decay:g}, compile {'on' if cfg.compile else 'off'}, activation checkpointing "
+        f"{cfg.activation_checkpointing}",
+    ]
+    if trainer.init_report is not None:
+        lines.append(f"  init from: {trainer.init_report.summary()}")
+    return "\n".join(lines)
+
+
 def _last_good(trainer: Trainer) -> str:
     found = list_checkpoints(trainer.out / "checkpoints")
     return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
@@ -621,17 +843,49 @@ def _save_finite(trainer: Trainer, m: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = Parser(prog=PROG, description="Pre-train AIMv2 (encoder + causal multimodal decoder).")
+    p = Parser(prog=PROG, description="Pre-train AIMv2 (encoder + causal multimodal decoder).",
+               epilog="Every flag is also a key of a --config TOML file (without the dashes); flags typed on the "
+                      "command line override the file.")
+    p.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="read flags from a TOML file (keys: the flags without dashes, e.g. batch-size = 8192); "
+                        "OUT/config.toml of a run is one")
     p.add_argument("--preset", default=d.preset, help=f"model preset, one of: {', '.join(sorted(PRESETS))}")
     p.add_argument("--out", default=d.out,
-                   help="run folder: metrics.jsonl, checkpoints/, loss.png (one run at a time: OUT/.lock)")
+                   help="run folder: metrics.jsonl, checkpoints/, config.toml, loss.png, tensorboard/ "
+                        "(one run at a time: OUT/.lock)")
     p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch: images per step over all ranks (a multiple of the world size)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="images per forward/backward on one rank (gradient accumulation within the global batch; "
+                        "must divide the per-rank batch; default: the whole per-rank batch)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="train at this square resolution instead of the preset's (a multiple of the patch size)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps (default: the paper's 12,500 for the released presets, capped at 10%% "
+                        "of --steps; 10%% of --steps for the small presets)")
+    p.add_argument("--init-lr", type=float, default=d.init_lr, help="learning rate at step 0 (default %(default)g)")
+    p.add_argument("--min-lr", type=float, default=d.min_lr, help="the cosine's final rate (default %(default)g)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="fully decoupled weight decay (scaled by lr/peak lr; default %(default)g; the paper's "
+                        "high-resolution stage uses 0)")
+    p.add_argument("--betas", default="0.9,0.95", metavar="B1,B2", help="AdamW betas (default 0.9,0.95)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip (default %(default)g)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS, help="op backend for the whole model")
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--activation-checkpointing", default=d.activation_checkpointing, choices=ACTIVATION_CHECKPOINTING,
+                   help="per block: none, full (recompute the block in the backward) or selective (keep matmul and "
+                        "attention outputs, recompute the rest)")
+    p.add_argument("--init-from", default=None, metavar="SOURCE",
+                   help="start a new run from a run folder, a checkpoint or released weights: the encoder (its "
+                        "learned position embedding resized) and the decoder when SOURCE has one; fresh optimizer "
+                        "and schedule")
+    p.add_argument("--init-decoder", default=d.init_decoder, choices=("load", "fresh"),
+                   help="with --init-from: load SOURCE's decoder (default; it must have this run's vocabulary) or "
+                        "start a fresh one (e.g. after changing --tokenizer)")
     p.add_argument("--data", default=d.data,
                    help="'shapes' (bundled) or a path: webdataset .tar shards (a folder, a file, a glob or "
                         "'shard-{000..009}.tar'), a folder of images with .txt captions, a .csv or a .jsonl")
@@ -649,6 +903,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help="keep the newest N checkpoints (default %(default)s)")
+    p.add_argument("--tensorboard", dest="tensorboard", action="store_true", default=None,
+                   help="write TensorBoard event files to OUT/tensorboard (default: when tensorboard is installed)")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+    p.add_argument("--wandb", action="store_true",
+                   help="log to Weights & Biases (offline, to OUT/wandb, when the service cannot be reached)")
+    p.add_argument("--no-wandb", dest="wandb", action="store_false")
+    p.add_argument("--wandb-project", default=None, help="W&B project (default: aimv2)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", nargs="?", const="latest", default=None,
                        help="continue from the newest checkpoint in --out, or from the given checkpoint path")
@@ -666,14 +929,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The run's configuration from ``argv`` (default ``sys.argv[1:]``): a ``--config`` file's keys first, then the
+    typed flags over them. A bad flag or key exits with status 2 and one line."""
+    from .run_config import ConfigFileError, config_argv
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first, _ = parser.parse_known_args(argv)
+    if first.config is not None:
+        try:
+            argv = config_argv(first.config, parser) + argv
+        except ConfigFileError as exc:
+            parser.error(str(exc))
     args = parser.parse_args(argv)
+    world = os.environ.get("WORLD_SIZE", "1")
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    for name in ("steps", "batch_size", "log_every", "ckpt_every", "max_bad_steps"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "batch_size", "log_every", "ckpt_every", "max_bad_steps", "keep_checkpoints",
+                 "micro_batch_size", "image_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    world = os.environ.get("WORLD_SIZE", "1")
+    if args.micro_batch_size is not None and world.isdigit() and int(world) >= 1 and \
+            (args.batch_size // int(world)) % args.micro_batch_size:
+        parser.error(f"--micro-batch-size {args.micro_batch_size} does not divide the per-rank batch "
+                     f"{args.batch_size // int(world)} (--batch-size {args.batch_size} over {world} ranks)")
+    for name, low_ok in (("init_lr", False), ("min_lr", True), ("weight_decay", True), ("grad_clip", False)):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and (v > 0 or (low_ok and v == 0))):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number {'>=' if low_ok else '>'} 0, got {v}")
+    try:
+        b1, b2 = (float(v) for v in args.betas.split(","))
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--betas must be B1,B2 with 0 <= B < 1, got {args.betas!r}")
+    args.betas = (b1, b2)
+    if args.init_from is not None and args.resume:
+        parser.error("--init-from starts a new run; --resume continues one: pass one of them")
+    if args.init_from is not None and not os.path.exists(args.init_from):
+        parser.error(f"--init-from {args.init_from}: no such file or folder")
     if world.isdigit() and int(world) > 1 and args.batch_size % int(world):
         parser.error(f"--batch-size {args.batch_size} is not a multiple of the world size {world}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):

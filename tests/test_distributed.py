@@ -169,3 +169,49 @@ def test_sigkill_at_any_moment_resumes_to_the_same_losses(tmp_path):
     for want, have in zip(expected, got):
         for key in ("loss", "loss_img", "loss_txt", "grad_norm", "lr"):
             assert have[key] == want[key], (want["step"], key, want[key], have[key])
+
+
+_COUNT_REDUCTIONS = """
+import atexit, os, sys
+sys.path.insert(0, {root!r})
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+
+from aimv2.train import main
+
+calls = [0]
+_reduce = group.foreach_reduce
+
+
+def _counted(*args, **kwargs):
+    calls[0] += 1
+    return _reduce(*args, **kwargs)
+
+
+group.foreach_reduce = _counted  # FSDPParamGroup.post_backward looks it up at each call
+atexit.register(lambda: open(os.path.join({out!r}, "reductions-" + os.environ["RANK"]), "w").write(str(calls[0])))
+if __name__ == "__main__":
+    sys.exit(main())
+"""
+
+
+def test_two_ranks_with_micro_batches_and_activation_checkpointing_match_one_rank(tmp_path):
+    """torchrun 2 ranks, 2 micro-batches of 2 per rank and selective activation checkpointing == 1 process with
+    the whole batch of 8 at once, to fp32 rounding; and FSDP2 reduce-scatters the gradients once per step (one
+    reduction per FSDP unit: 3 blocks + the root), not once per micro-batch."""
+    import aimv2
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    steps = 4
+    _run(_train_args(one, steps))
+    two.mkdir()
+    script = tmp_path / "count_reductions.py"
+    script.write_text(_COUNT_REDUCTIONS.format(root=str(Path(aimv2.__file__).resolve().parents[1]), out=str(two)))
+    _run([str(script), *_train_flags(two, steps, "--micro-batch-size", "2", "--activation-checkpointing",
+                                     "selective")], nproc=2)
+    rows_one, rows_two = _rows(one), _rows(two)
+    assert all(r["micro_batches"] == 2 for r in rows_two) and all(r["micro_batches"] == 1 for r in rows_one)
+    _close(rows_one, rows_two)
+    assert len({r["loss"] for r in rows_one}) == steps
+    units = 2 + 1 + 1  # aimv2-tiny: 2 encoder blocks, 1 decoder block, the root
+    for rank in (0, 1):
+        assert int((two / f"reductions-{rank}").read_text()) == units * steps

@@ -19,8 +19,17 @@ def _args(out, *extra):
             "--device", "cpu", "--no-progress", *extra]
 
 
+def _without_banner(lines: list[str]) -> list[str]:
+    """stderr without the start-of-run banner (its first line names the preset; the rest are indented)."""
+    if lines and lines[0].startswith("aimv2-train: preset "):
+        lines = lines[1:]
+        while lines and lines[0].startswith("  "):
+            lines = lines[1:]
+    return lines
+
+
 def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _without_banner(capsys.readouterr().err.strip().splitlines())
     assert len(err) == 1, err
     return err[0]
 
