@@ -125,14 +125,23 @@ RUN_MARKERS = ("metrics.jsonl", "checkpoints")
 LOCK_FILE = ".lock"
 
 
-def byte_tokenizer_refusal(preset: str, vocab_size: int, byte_vocab: int) -> str:
-    """The message that refuses the byte tokenizer for a preset with a larger vocabulary (a 32k released
-    preset): most of its text embedding and head would never see a token."""
-    return (f"preset {preset} has a vocabulary of {vocab_size} (the paper's SigLIP SentencePiece tokenizer), but "
-            f"--tokenizer is 'bytes' ({byte_vocab} symbols): {vocab_size - byte_vocab} rows of the text embedding "
-            f"and head would never be trained. Pass --tokenizer PATH.model: SigLIP's spiece.model (hf download "
-            f"google/siglip-base-patch16-224 spiece.model --local-dir DIR) or one trained on your captions with "
-            f"'aimv2-tokenizer train --data DATA --out tokenizer.model' (32k by default)")
+def check_tokenizer(cfg: TrainConfig) -> None:
+    """Refuse (UsageError) the byte tokenizer for a preset with a larger vocabulary (the 32k released presets):
+    most of its text embedding and head would never see a token. (A :class:`Trainer` built directly, as the
+    benchmarks build one for synthetic batches, is not checked.)"""
+    from .tokenizer import ByteTokenizer
+
+    if cfg.tokenizer != "bytes" or cfg.preset not in PRESETS:
+        return
+    vocab_size, byte_vocab = AIMv2Config.from_name(cfg.preset).decoder.vocab_size, ByteTokenizer().vocab_size
+    if vocab_size <= byte_vocab:
+        return
+    raise UsageError(f"preset {cfg.preset} has a vocabulary of {vocab_size} (the paper's SigLIP SentencePiece "
+                     f"tokenizer), but --tokenizer is 'bytes' ({byte_vocab} symbols): {vocab_size - byte_vocab} rows "
+                     f"of the text embedding and head would never be trained. Pass --tokenizer PATH.model: SigLIP's "
+                     f"spiece.model (hf download google/siglip-base-patch16-224 spiece.model --local-dir DIR) or one "
+                     f"trained on your captions with 'aimv2-tokenizer train --data DATA --out tokenizer.model' "
+                     f"(32k by default)")
 
 
 class DivergedError(OperationalError):
@@ -229,8 +238,6 @@ class Trainer:
             self.tokenizer = build_tokenizer(cfg.tokenizer, context_length=dec.context_length)
         except (ValueError, FileNotFoundError, ImportError) as exc:
             raise UsageError(f"--tokenizer {cfg.tokenizer}: {one_line(exc)}") from exc
-        if cfg.tokenizer == "bytes" and dec.vocab_size > self.tokenizer.vocab_size:
-            raise UsageError(byte_tokenizer_refusal(cfg.preset, dec.vocab_size, self.tokenizer.vocab_size))
         if self.tokenizer.vocab_size > dec.vocab_size:
             raise UsageError(f"--tokenizer {cfg.tokenizer} has {self.tokenizer.vocab_size} tokens but preset "
                              f"{cfg.preset} has a vocabulary of {dec.vocab_size}")
@@ -608,6 +615,7 @@ def run(cfg: TrainConfig) -> dict:
     """
     tqdm = require("tqdm.auto", "aimv2-train's progress bar").tqdm
 
+    check_tokenizer(cfg)
     rank, world_size, device = init_distributed(cfg.device)
     check_backend(cfg.backend, device, MODEL_OPS)  # before the run folder is touched
     folder = RunFolder(Path(cfg.out))

@@ -124,16 +124,14 @@ def make_trainer(preset: str, backend: str, device: torch.device, batch, steps: 
     """An :class:`aimv2.train.Trainer` for ``preset`` on ``backend`` whose batches are all ``batch``.
 
     The Trainer builds the model (seed 0), AdamW with the recipe's parameter groups and the LR schedule;
-    its data loader is never read. With ``compile_model`` the model is ``torch.compile``d (the optimizer
-    keeps the same parameters).
+    its data loader is never read. With ``compile_model`` the Trainer compiles the model as
+    ``aimv2-train --compile`` does (every transformer block ``torch.compile``d in place).
     """
     from aimv2.train import TrainConfig, Trainer
 
     trainer = Trainer(TrainConfig(preset=preset, out=os.devnull, steps=steps, batch_size=batch.images.shape[0],
-                                  device=str(device), backend=backend, progress=False))
+                                  device=str(device), backend=backend, progress=False, compile=compile_model))
     trainer.batches = itertools.repeat(batch)
-    if compile_model:
-        trainer.model = torch.compile(trainer.model)
     return trainer
 
 

@@ -114,11 +114,15 @@ def test_warmup_follows_the_paper_for_released_presets():
     assert lr_at(6_250, cfg, 1e-3, 12_500) == pytest.approx((1e-6 + 1e-3) / 2)
 
 
-def test_byte_tokenizer_is_refused_for_a_32k_preset(tmp_path):
+def test_byte_tokenizer_is_refused_for_a_32k_preset(tmp_path, capsys):
     from aimv2.cli import UsageError
 
     with pytest.raises(UsageError, match=r"vocabulary of 32000.*'bytes' \(259 symbols\).*aimv2-tokenizer train"):
-        Trainer(_cfg(tmp_path, preset="aimv2-large-patch14-224"))
+        run(_cfg(tmp_path, preset="aimv2-large-patch14-224"))
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+    assert main(["--preset", "aimv2-huge-patch14-336", "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "aimv2-tokenizer train" in err[0]
 
 
 def test_new_flags_are_checked(capsys):
