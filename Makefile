@@ -33,7 +33,7 @@ install: venv
 # settings and images) on the bundled held-out shapes, and prints both top-1 figures (see README: at the demo's scale
 # the random trunk is ahead).
 demo: install
-	$(VENV)/bin/aimv2-train --preset aimv2-demo --out $(DEMO_OUT) --steps $(DEMO_STEPS) --batch-size 32
+	$(VENV)/bin/aimv2-train --config configs/demo.toml --out $(DEMO_OUT) --steps $(DEMO_STEPS)
 	$(VENV)/bin/aimv2-probe --checkpoint $(DEMO_OUT) --preset aimv2-demo --vs-random --out $(DEMO_OUT)/probe.json --no-progress
 	@echo "(At the default 160 steps the random trunk comes out ahead: README, 'Evaluation: the attentive probe', says why, with longer runs.)"
 

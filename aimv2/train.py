@@ -220,11 +220,8 @@ class Trainer:
         if cfg.batch_size % self.world_size:
             raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of the world size {self.world_size}")
         self.local_batch = cfg.batch_size // self.world_size
-        self.micro_batch = cfg.micro_batch_size or self.local_batch
-        if self.local_batch % self.micro_batch:
-            raise UsageError(f"--micro-batch-size {self.micro_batch} does not divide the per-rank batch "
-                             f"{self.local_batch} (--batch-size {cfg.batch_size} over {self.world_size} ranks)")
-        self.micro_batches = self.local_batch // self.micro_batch
+        self.micro_batch = min(cfg.micro_batch_size or self.local_batch, self.local_batch)
+        self.micro_batches = -(-self.local_batch // self.micro_batch)  # the last one smaller when it does not divide
         self.model_cfg = AIMv2Config.from_name(cfg.preset, backend=cfg.backend)
         if cfg.native_resolution and self.model_cfg.encoder.pos_embed != "sincos":
             self.model_cfg.encoder = dataclasses.replace(self.model_cfg.encoder, pos_embed="sincos")
@@ -354,7 +351,9 @@ class Trainer:
         text losses weighted by its counted patches and tokens over the counts of the whole global batch (times
         the world size, which FSDP's mean reduction divides out), so the accumulated gradient is that of the
         whole batch at once, on any number of ranks and micro-batches. Prefix lengths are drawn once for the
-        rank's whole slice, as a single pass would draw them. Under FSDP2 the gradients are reduce-scattered
+        rank's whole slice, as a single pass would draw them. At native resolution a micro-batch holds the
+        patches of ``micro_batch`` images at the preset's resolution (more, smaller images at a small patch
+        budget). Under FSDP2 the gradients are reduce-scattered
         once per step, after the last micro-batch.
         """
         start = time.perf_counter()
@@ -378,7 +377,10 @@ class Trainer:
         total = _global_sum(local.clone())
         logged = torch.zeros(2, dtype=torch.float32, device=self.device)  # image, text: shares of global means
         sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2
-        k, m_size = self.micro_batches, self.micro_batch
+        m_size = self.micro_batch
+        if n != self.model_cfg.encoder.num_patches:  # native resolution: the same patches per micro-batch
+            m_size = max(1, self.micro_batch * self.model_cfg.encoder.num_patches // n)
+        k = -(-images.shape[0] // m_size)  # the last micro-batch may be smaller: the shares weight it exactly
         for i in range(k):
             sl = slice(i * m_size, (i + 1) * m_size)
             img, tok, pre = images[sl], tokens[sl], prefix[sl]
@@ -814,7 +816,7 @@ def banner(trainer: Trainer) -> str:
         f"  device {dev} ({name}), {precision}; world size {trainer.world_size}",
         f"  backends ({cfg.backend}): {', '.join(resolved)}",
         f"  batch {cfg.batch_size} global = {trainer.world_size} x {trainer.local_batch} per rank = "
-        f"{trainer.micro_batches} micro-batch(es) of {trainer.micro_batch} per rank",
+        f"{trainer.micro_batches} micro-batch(es) of up to {trainer.micro_batch} per rank",
         f"  per step: {cfg.batch_size:,} images"
         + ("" if cfg.native_resolution else f", {cfg.batch_size * n:,} patches")
         + f", up to {cfg.batch_size * mc.decoder.context_length:,} caption tokens",
@@ -865,8 +867,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="global batch: images per step over all ranks (a multiple of the world size)")
     p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="images per forward/backward on one rank (gradient accumulation within the global batch; "
-                        "must divide the per-rank batch; default: the whole per-rank batch)")
+                   help="images per forward/backward on one rank: gradient accumulation within the global batch "
+                        "(the last micro-batch is smaller when it does not divide the per-rank batch; at native "
+                        "resolution, the patches of this many images at the preset's size); default: the whole "
+                        "per-rank batch")
     p.add_argument("--image-size", type=int, default=None,
                    help="train at this square resolution instead of the preset's (a multiple of the patch size)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
@@ -957,10 +961,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                  "micro_batch_size", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.micro_batch_size is not None and world.isdigit() and int(world) >= 1 and \
-            (args.batch_size // int(world)) % args.micro_batch_size:
-        parser.error(f"--micro-batch-size {args.micro_batch_size} does not divide the per-rank batch "
-                     f"{args.batch_size // int(world)} (--batch-size {args.batch_size} over {world} ranks)")
     for name, low_ok in (("init_lr", False), ("min_lr", True), ("weight_decay", True), ("grad_clip", False)):
         v = getattr(args, name)
         if not (math.isfinite(v) and (v > 0 or (low_ok and v == 0))):

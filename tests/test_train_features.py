@@ -9,6 +9,7 @@ its own mean instead of its share of the global one moves the loss by more than 
 """
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ def test_run_folder_keeps_the_resolved_config_and_it_reads_back(tmp_path, capsys
     # the banner: preset and parameters, device and dtype, backends, world size, batches, patches and tokens
     for needle in ("preset aimv2-tiny", "M parameters", "device cpu", "fp32", "world size 1",
                    "prefix_attention=", "patch_mse_loss=", "linear_cross_entropy=",
-                   "batch 4 global = 1 x 4 per rank = 2 micro-batch(es) of 2", "64 patches", "96 caption tokens",
+                   "batch 4 global = 1 x 4 per rank = 2 micro-batch(es) of up to 2", "64 patches", "96 caption tokens",
                    "warm-up 1 (10% of the run)"):
         assert needle in err, needle
     again = parse_args(["--config", str(out / "config.toml")])
@@ -97,6 +98,29 @@ def test_run_folder_keeps_the_resolved_config_and_it_reads_back(tmp_path, capsys
     assert dataclasses.replace(again, config=None) == first
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]  # --keep-checkpoints 1
     assert not (out / "tensorboard").exists()  # --no-tensorboard
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("file", CONFIGS, ids=[f.name for f in CONFIGS])
+def test_shipped_configs_parse(file, tmp_path):
+    """Every example config is a valid run description (its --init-from, a stage-1 run folder, given here)."""
+    argv = ["--config", str(file), "--out", str(tmp_path / "out")]
+    if "init-from" in file.read_text():
+        argv += ["--init-from", str(tmp_path)]
+    cfg = parse_args(argv)
+    assert cfg.config == str(file) and cfg.preset
+    if cfg.preset != "aimv2-demo":
+        assert cfg.batch_size == 8192 and cfg.tokenizer.endswith(".model")
+    if "stage" in file.name:
+        assert cfg.weight_decay == 0.0 and cfg.init_from == str(tmp_path)  # the paper's high-resolution recipe
+
+
+def test_demo_config_is_the_make_demo_run():
+    assert len(CONFIGS) >= 5
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert "--config configs/demo.toml" in makefile
 
 
 # -- the paper's defaults ---------------------------------------------------------------------------------------
@@ -126,8 +150,7 @@ def test_byte_tokenizer_is_refused_for_a_32k_preset(tmp_path, capsys):
 
 
 def test_new_flags_are_checked(capsys):
-    for argv, needle in ((["--micro-batch-size", "3", "--batch-size", "8"], "does not divide"),
-                         (["--micro-batch-size", "0"], "at least 1"),
+    for argv, needle in ((["--micro-batch-size", "0"], "at least 1"),
                          (["--weight-decay", "-1"], "--weight-decay"),
                          (["--betas", "0.9"], "--betas"),
                          (["--init-from", "/nonexistent/run"], "no such file"),
@@ -170,10 +193,21 @@ def test_micro_batches_and_activation_checkpointing_equal_the_whole_batch(tmp_pa
     micro = _steps(_cfg(tmp_path, micro_batch_size=2), 3)
     assert all(r["micro_batches"] == 4 for r in micro[0])
     _same(plain, micro)
+    uneven = _steps(_cfg(tmp_path, micro_batch_size=3), 3)  # 3 + 3 + 2
+    assert all(r["micro_batches"] == 3 for r in uneven[0])
+    _same(plain, uneven)
     # the recomputation repeats the same ops in the same order: bit for bit
     _same(plain, _steps(_cfg(tmp_path, activation_checkpointing="full"), 3), exact=True)
     _same(plain, _steps(_cfg(tmp_path, activation_checkpointing="selective"), 3), exact=True)
     _same(plain, _steps(_cfg(tmp_path, activation_checkpointing="selective", micro_batch_size=4), 3))
+    # native resolution: batches of varying size and grid, micro-batches of constant patches (the last smaller)
+    native = dict(native_resolution=True, native_budgets=(3, 6), batch_size=4)
+    whole = _steps(_cfg(tmp_path, **native), 3)
+    micro = _steps(_cfg(tmp_path, micro_batch_size=3, **native), 3)
+    sizes = [r["images"] for r in whole[0]]
+    assert sizes == [r["images"] for r in micro[0]] and len(set(sizes)) > 1, sizes
+    assert any(r["micro_batches"] > 1 for r in micro[0])
+    _same(whole, micro)
 
 
 def _forward_backward_counts(model, mode: str) -> dict:
