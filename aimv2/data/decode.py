@@ -8,6 +8,14 @@ Limits (module constants, checked before anything that large is read or allocate
 ``BadSample``): ``MAX_IMAGE_PIXELS`` (64 megapixels, from the image header), ``MAX_IMAGE_BYTES`` (256 MiB of
 encoded image), ``MAX_CAPTION_BYTES`` (1 MiB: a caption file or member, a JSONL line) and ``MAX_JSON_DEPTH``
 (64 levels of JSON nesting).
+
+Reduced-size JPEG decoding (the training loader's fast path): ``open_image`` reads and checks the header only
+and returns a ``LazyImage``; ``LazyImage.decode(reduce)`` then decodes a JPEG at ``1/reduce`` of its size
+(``reduce`` in 1, 2, 4, 8) by libjpeg's DCT scaling (Pillow's ``Image.draft``), which skips most of the inverse
+DCT, colour conversion and later resampling work of a full decode. A transform that knows its crop (see
+``TrainTransform``) picks the largest reduction that still leaves the crop at least its output size.
+``jpeg_draft_enabled`` reads the switch ``AIMV2_JPEG_DRAFT`` (``1``, the default, or ``0``) that sets the
+transforms' default.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ from .._extras import require
 
 Image = require("PIL.Image", "aimv2.data (image decoding)")
 
-__all__ = ["BadSample", "RawSample", "to_rgb", "decode_image", "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES",
-           "MAX_CAPTION_BYTES", "MAX_JSON_DEPTH"]
+__all__ = ["BadSample", "RawSample", "LazyImage", "to_rgb", "open_image", "decode_image", "jpeg_draft_enabled",
+           "JPEG_REDUCTIONS", "JPEG_DRAFT_ENV", "MAX_IMAGE_PIXELS", "MAX_IMAGE_BYTES", "MAX_CAPTION_BYTES",
+           "MAX_JSON_DEPTH"]
 
 _WHITE = (255, 255, 255, 255)
 
@@ -37,6 +46,10 @@ MAX_CAPTION_BYTES = 1 << 20  # a caption: a .txt / .json file or member, a JSONL
 MAX_JSON_DEPTH = 64  # nesting of a JSON caption or JSONL line (json.loads recurses: deep nesting is a crash)
 # a string (its closing quote optional, so a scan never restarts inside one: linear time) or a bracket
 _JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.S)
+
+JPEG_REDUCTIONS = (1, 2, 4, 8)  # the DCT scalings Pillow's draft offers: a JPEG decodes at 1/reduce of its size
+JPEG_DRAFT_ENV = "AIMV2_JPEG_DRAFT"  # "0" turns reduced-size JPEG decoding off where a transform's default rules
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class BadSample(Exception):
@@ -54,10 +67,11 @@ class BadSample(Exception):
 
 @dataclasses.dataclass
 class RawSample:
-    """A decoded sample: ``image`` a PIL image of mode ``"RGB"``, ``caption`` a stripped non-empty string,
-    ``key`` where it came from (shard or file, and key or line), ``label`` a class index or -1."""
+    """A decoded sample: ``image`` a PIL image of mode ``"RGB"`` (a ``LazyImage``, not decoded yet, when read
+    with ``raw(i, lazy=True)``), ``caption`` a stripped non-empty string, ``key`` where it came from (shard or
+    file, and key or line), ``label`` a class index or -1."""
 
-    image: Image.Image
+    image: Image.Image | LazyImage
     caption: str
     key: str
     label: int = -1
@@ -166,6 +180,133 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def jpeg_draft_enabled() -> bool:
+    """Whether reduced-size JPEG decoding is on by default: ``AIMV2_JPEG_DRAFT`` unset or ``1`` (also
+    ``true``/``yes``/``on``) is on, ``0`` (``false``/``no``/``off``) off; any other value raises ValueError.
+    ``TrainTransform`` and ``EvalTransform`` read it when built with ``draft=None``."""
+    value = os.environ.get(JPEG_DRAFT_ENV, "1").strip().lower()
+    if value in _TRUE or value == "":
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{JPEG_DRAFT_ENV} must be 1 or 0, got {os.environ[JPEG_DRAFT_ENV]!r}")
+
+
+def _check_reduce(reduce: int) -> int:
+    if isinstance(reduce, bool) or not isinstance(reduce, (int, np.integer)):
+        raise TypeError(f"reduce must be an int, got {type(reduce).__name__}")
+    if int(reduce) not in JPEG_REDUCTIONS:
+        raise ValueError(f"reduce must be one of {JPEG_REDUCTIONS}, got {reduce}")
+    return int(reduce)
+
+
+def _open_checked(data: bytes) -> Image.Image:
+    """``Image.open`` of ``data`` (the header only) within the limits; BadSample otherwise."""
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    if not data:
+        raise BadSample("empty image file")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadSample(f"image file of {len(data)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
+    try:
+        img = Image.open(io.BytesIO(data))  # in memory: nothing to close; reads the header only
+    except Image.DecompressionBombError as exc:
+        raise BadSample(f"image too large: {exc}") from None
+    except Exception as exc:  # Pillow raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
+        raise BadSample(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadSample(f"image too large: {width}x{height} is {width * height} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS}")
+    return img
+
+
+def _load(img: Image.Image, reduce: int) -> tuple[Image.Image, int]:
+    """Decode the opened, not yet loaded ``img`` (a JPEG at ``1/reduce`` when Pillow's draft allows it) to RGB:
+    ``(image, the reduction applied)``; BadSample when the data is corrupt or truncated."""
+    try:
+        applied = 1
+        if reduce > 1 and img.format == "JPEG":
+            width, height = img.size
+            # Pillow picks the largest 1/2^k <= min(W // w, H // h): asking for (W // r, H // r) gives r exactly
+            got = img.draft("RGB", (max(1, width // reduce), max(1, height // reduce)))
+            if got is not None:  # None: a JPEG Pillow cannot scale (several tiles): decoded at full size
+                applied = int(round(width / got[1][2]))
+        img.load()  # decode now: a truncated file fails here, not later in a transform
+        return to_rgb(img), applied
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadSample(f"image too large: {exc}") from None
+    except Exception as exc:  # Pillow raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
+        raise BadSample(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+
+
+class LazyImage:
+    """An encoded image whose header has been read and checked (``open_image``), decoded on demand.
+
+    ``size`` is the full ``(width, height)`` from the header, ``format`` Pillow's name of the format
+    (``"JPEG"``, ``"PNG"``, ...). ``decode(reduce)`` decodes to a loaded ``"RGB"`` image (``to_rgb``);
+    ``reducible`` tells whether ``reduce > 1`` can take effect (JPEG only). It may be decoded more than once
+    (each ``decode`` after the first re-reads the header). Holds the encoded bytes.
+    """
+
+    __slots__ = ("_data", "_opened", "size", "format")
+
+    def __init__(self, data: bytes):
+        self._opened: Image.Image | None = _open_checked(data)
+        self._data = bytes(data)
+        self.size: tuple[int, int] = self._opened.size
+        self.format: str | None = self._opened.format
+
+    @property
+    def width(self) -> int:
+        """The full width (pixels), from the header."""
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        """The full height (pixels), from the header."""
+        return self.size[1]
+
+    @property
+    def reducible(self) -> bool:
+        """True for a JPEG: ``decode(reduce)`` with ``reduce > 1`` decodes it at reduced size."""
+        return self.format == "JPEG"
+
+    def decode(self, reduce: int = 1) -> tuple[Image.Image, int]:
+        """``(image, applied)``: the decoded ``"RGB"`` PIL image and the reduction it was decoded at.
+
+        ``reduce`` (1, 2, 4 or 8): a JPEG is decoded by libjpeg's DCT scaling at ``ceil(W / reduce) x
+        ceil(H / reduce)``, its pixel ``(x, y)`` covering full-size pixels ``[x * reduce, (x + 1) * reduce)``
+        (and the same in y), so a box ``b`` of the full image is ``b / reduce`` there. Other formats, and a
+        JPEG Pillow cannot scale, decode at full size (``applied`` 1). Corrupt or truncated data raises
+        ``BadSample``; a bad ``reduce`` ValueError / TypeError.
+        """
+        reduce = _check_reduce(reduce)
+        img, self._opened = self._opened, None
+        if img is None:
+            img = _open_checked(self._data)
+        return _load(img, reduce)
+
+    def __reduce__(self):  # pickled as its bytes (the opened Pillow file is not picklable as is)
+        return (LazyImage, (self._data,))
+
+    def __repr__(self) -> str:
+        return f"LazyImage({self.format}, {self.size[0]}x{self.size[1]}, {len(self._data)} bytes)"
+
+
+def open_image(data: bytes) -> LazyImage:
+    """The header of encoded image bytes, read and checked, without decoding the pixels: a ``LazyImage``.
+
+    Raises ``BadSample`` as ``decode_image`` does for an empty, over-large or unreadable header (the pixel
+    data is checked when ``LazyImage.decode`` decodes it); TypeError when ``data`` is not bytes.
+    """
+    return LazyImage(data)
+
+
 def decode_image(data: bytes, *, min_side: int | None = None) -> Image.Image:
     """Decode encoded image bytes (any format Pillow reads) to a fully loaded ``"RGB"`` PIL image.
 
@@ -175,26 +316,12 @@ def decode_image(data: bytes, *, min_side: int | None = None) -> Image.Image:
     either side, so a JPEG at least twice as large on both sides is decoded at a reduced scale (1/2, 1/4 or
     1/8, Pillow's ``Image.draft``) that keeps both sides >= ``min_side``; other formats decode at full size.
     """
-    if not data:
-        raise BadSample("empty image file")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise BadSample(f"image file of {len(data)} bytes is over the {MAX_IMAGE_BYTES}-byte limit")
-    try:
-        img = Image.open(io.BytesIO(data))  # in memory: nothing to close; reads the header only
-        width, height = img.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise BadSample(f"image too large: {width}x{height} is {width * height} pixels, over the limit of "
-                            f"{MAX_IMAGE_PIXELS}")
-        if min_side is not None and img.format == "JPEG" and min(width, height) >= 2 * min_side:
-            img.draft(img.mode, (min_side, min_side))  # the largest 1/2^k scale with both sides >= min_side
-        img.load()  # decode now: a truncated file fails here, not later in a transform
-        return to_rgb(img)
-    except BadSample:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise BadSample(f"image too large: {exc}") from None
-    except Exception as exc:  # Pillow raises many types on corrupt data (OSError, SyntaxError, struct.error, ...)
-        raise BadSample(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+    img = _open_checked(data)
+    width, height = img.size
+    reduce = 1
+    if min_side is not None and img.format == "JPEG":
+        reduce = max(r for r in JPEG_REDUCTIONS if min(width, height) >= r * min_side or r == 1)
+    return _load(img, reduce)[0]
 
 
 def _read_file(path: str, what: str, limit: int = MAX_IMAGE_BYTES) -> bytes:

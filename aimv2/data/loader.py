@@ -16,6 +16,12 @@ Why this shape:
 - **A bad sample never stops the run**: a corrupt or unreadable image, or an empty caption (``BadSample``),
   is skipped and replaced by another sample drawn from ``(seed, epoch, index, attempt)``, so batches keep
   their size; each batch lists what it skipped and the trainer reports the total at the end.
+- **Decoding follows the crop, and nothing is copied twice**: with our sources and a ``TrainTransform`` or
+  ``EvalTransform`` whose ``draft`` is on (the default; ``AIMV2_JPEG_DRAFT=0`` turns it off), a sample is read
+  header first (``raw(i, lazy=True)``) and the transform decodes a JPEG at the largest 1/2, 1/4 or 1/8 scale its
+  crop allows (see ``transforms``); with it off, as for other transforms, a JPEG with a shorter side of over
+  twice what the smallest crop needs is decoded at reduced size before the transform. The images are written
+  into one batch tensor (in shared memory in a worker, so sending it does not copy it) and normalized there.
 
 Native resolution (``native_budgets=(lo, hi)``, the paper's §2.4): every global batch draws a patch budget
 ``A = 2**n``, ``n = lo + round((hi - lo) * (t + 1) / 2)`` with ``t ~ TruncNormal(0, 1)`` on ``[-1, 1]``; each
@@ -35,7 +41,7 @@ import torch
 
 from .decode import BadSample
 from .sources import _Source
-from .transforms import Normalize, TrainTransform, fit_and_pad, native_grid
+from .transforms import EvalTransform, Normalize, TrainTransform, fit_and_pad, native_grid
 
 __all__ = ["Batch", "LoaderBatch", "TrainLoader", "sample_budget_exponent"]
 
@@ -110,32 +116,60 @@ def _train_min_side(transform: object) -> int | None:
     return math.ceil(transform.image_size / f) + 1
 
 
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor of ``shape``; in a DataLoader worker it lives in shared memory, as
+    torch's ``default_collate`` allocates its batches there, so that sending it to the main process does not
+    copy it (a tensor in private memory is copied into shared memory when it is pickled)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
 class _BatchBuilder(torch.utils.data.Dataset):
-    """Turns a ``_Plan`` into a ``LoaderBatch``; runs in the DataLoader workers (or in-process)."""
+    """Turns a ``_Plan`` into a ``LoaderBatch``; runs in the DataLoader workers (or in-process).
+
+    The images of a batch are written straight into one (shared-memory, in a worker) batch tensor by our
+    transforms and ``fit_and_pad`` (``out=``), each normalized in place by a ``Normalize`` as soon as it is
+    written (while it is in cache: the same values as normalizing the whole batch after); other transforms'
+    outputs are stacked into it and the batch normalized at the end."""
 
     def __init__(self, loader: "TrainLoader"):
         self.source, self.tokenizer, self.normalize = loader.source, loader.tokenizer, loader.normalize
         self.seed, self.transform, self.patch_size = loader.seed, loader.transform, loader.patch_size
         self.image_size = loader.image_size
-        # our sources decode a big JPEG at reduced size when the output needs far fewer pixels
+        # our sources decode a big JPEG at reduced size when the output needs far fewer pixels: read lazily
+        # (header only) when the transform picks the reduction from its crop, else with a min_side
         self.drafts = isinstance(loader.source, _Source)
+        ours = isinstance(loader.transform, (TrainTransform, EvalTransform))
+        self.lazy = self.drafts and ours and loader.transform.draft
         self.train_min_side = _train_min_side(loader.transform) if self.drafts else None
+        # transforms known to write (3, image_size, image_size) into out=
+        self.writes_out = ours and loader.transform.image_size == loader.image_size and hasattr(loader.source, "raw")
 
-    def _image(self, index: int, rng: np.random.Generator, grid) -> tuple[torch.Tensor, str, int]:
-        """(float32 (3, H, W) in [0, 1], caption, label) of sample ``index``; raises BadSample."""
+    def _image(self, index: int, rng: np.random.Generator, grid, out: torch.Tensor | None
+               ) -> tuple[torch.Tensor, str, int]:
+        """(float32 (3, H, W) in [0, 1], caption, label) of sample ``index``, the image written into ``out``
+        when given (then the returned image is ``out``); raises BadSample."""
         raw = getattr(self.source, "raw", None)
         # a tensor source (the bundled shapes) is already at image_size and is not augmented
         if raw is None:
             sample = self.source[index]
+        elif self.lazy and grid is None:
+            sample = raw(index, lazy=True)
         elif self.drafts:
             side = self.train_min_side if grid is None else max(grid) * self.patch_size
             sample = raw(index, min_side=side)
         else:
             sample = raw(index)
         if grid is not None:
-            image = fit_and_pad(sample.image, grid, self.patch_size)
+            image = fit_and_pad(sample.image, grid, self.patch_size, out=out)
+        elif raw is None:
+            image = sample.image
+        elif out is not None:
+            image = self.transform(sample.image, rng, out=out)
         else:
-            image = sample.image if raw is None else self.transform(sample.image, rng)
+            image = self.transform(sample.image, rng)
         return image, sample.caption, sample.label
 
     def __getitem__(self, plan: _Plan) -> LoaderBatch:
@@ -144,14 +178,19 @@ class _BatchBuilder(torch.utils.data.Dataset):
         images, captions, labels, prefix, skipped = [], [], [], [], []
         if plan.grid is None:
             num_patches = (self.image_size // self.patch_size) ** 2
+            side = (self.image_size, self.image_size)
         else:
             num_patches = plan.grid[0] * plan.grid[1]
-        for index in plan.indices:
+            side = (plan.grid[0] * self.patch_size, plan.grid[1] * self.patch_size)
+        # written in place (our transforms, fit_and_pad) or stacked at the end (anything else)
+        batch = _batch_buffer((len(plan.indices), 3, *side)) if plan.grid is not None or self.writes_out else None
+        each = batch is not None and isinstance(self.normalize, Normalize)  # normalize each image once written
+        for row, index in enumerate(plan.indices):
             for attempt in range(MAX_REPLACEMENTS + 1):
                 rng = np.random.default_rng([self.seed, plan.epoch, index] + ([attempt] if attempt else []))
                 u = rng.random()  # the prefix draw comes first, so it does not depend on the augmentation
                 try:
-                    image, caption, label = self._image(index, rng, plan.grid)
+                    image, caption, label = self._image(index, rng, plan.grid, None if batch is None else batch[row])
                     break
                 except unreadable as exc:
                     skipped.append((_key(self.source, index), exc.reason))
@@ -159,12 +198,19 @@ class _BatchBuilder(torch.utils.data.Dataset):
                                 .integers(n))
             else:
                 raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row could not be read; last: {skipped[-1]}")
+            if each:
+                self.normalize(image, inplace=True)
             images.append(image)
             captions.append(caption)
             labels.append(label)
             prefix.append(1 + int(u * (num_patches - 1)))
-        batch = torch.stack(images)
-        batch = self.normalize(batch, inplace=True) if isinstance(self.normalize, Normalize) else self.normalize(batch)
+        if batch is None:
+            batch = torch.stack(images, out=_batch_buffer((len(images), *images[0].shape), images[0].dtype))
+        if isinstance(self.normalize, Normalize):
+            if not each:
+                self.normalize(batch, inplace=True)
+        else:
+            batch = self.normalize(batch)
         return LoaderBatch(images=batch, tokens=self.tokenizer(captions),
                            labels=torch.tensor(labels, dtype=torch.long),
                            prefix_lens=torch.tensor(prefix, dtype=torch.long), skipped=skipped,

@@ -11,7 +11,9 @@
 
 ``src.raw(i)`` returns a ``RawSample`` (a PIL image of mode ``"RGB"``, see ``decode``). A sample that cannot be
 used is still indexed, and reading it raises ``BadSample`` with a one-line ``reason``, so the loader can skip
-and count it. Nothing here draws random numbers.
+and count it. ``src.raw(i, lazy=True)`` reads the image's header only: the sample's image is a ``LazyImage``
+that the transform decodes, a JPEG at the reduced size its crop allows (see ``TrainTransform``); its pixel
+data is checked when it is decoded. Nothing here draws random numbers.
 
 File handles are opened lazily in the process that reads (``os.getpid()`` is remembered; after a fork the
 child opens its own), and are never pickled, so a source can be handed to ``torch.utils.data.DataLoader``
@@ -34,6 +36,8 @@ from .decode import (
     MAX_CAPTION_BYTES,
     MAX_IMAGE_BYTES,
     BadSample,
+    Image,
+    LazyImage,
     RawSample,
     _clean_caption,
     _decode_text,
@@ -41,6 +45,7 @@ from .decode import (
     _json_loads,
     _read_file,
     decode_image,
+    open_image,
 )
 from .paths import _IMAGE_RANK, _check_dir, _check_file, _expand_shards, _has_glob, _image_ext, _is_brace, _walk
 from .tar_index import _cached_tar_members, index_cache_dir
@@ -50,6 +55,11 @@ __all__ = ["TarShards", "ImageFolderCaptions", "CSVSource", "JSONLSource", "Clas
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "path", "file", "filename", "img")
 CAPTION_COLUMNS = ("caption", "text", "txt")
 _MAX_OPEN_SHARDS = 64  # per process
+
+
+def _decode(data: bytes, min_side: int | None, lazy: bool) -> Image.Image | LazyImage:
+    """The image of a sample: decoded (``decode_image``), or its checked header (``open_image``) when lazy."""
+    return open_image(data) if lazy else decode_image(data, min_side=min_side)
 
 
 class _Source:
@@ -78,21 +88,25 @@ class _Source:
         self._index(index)
         return 0
 
-    def raw(self, index: int, *, min_side: int | None = None) -> RawSample:
+    def raw(self, index: int, *, min_side: int | None = None, lazy: bool = False) -> RawSample:
         """Sample ``index`` decoded (negative indices count from the end); raises ``BadSample`` (with ``key``
         set) when it cannot be used, IndexError / TypeError for a bad index. ``min_side``: the most pixels the
-        caller needs on either side; a big JPEG may then be decoded at a reduced size (see ``decode_image``)."""
+        caller needs on either side; a big JPEG may then be decoded at a reduced size (see ``decode_image``).
+        ``lazy``: read the image's header only (checked as ``open_image`` does) and return it as a
+        ``LazyImage`` for the caller to decode (``min_side`` is then ignored)."""
         i = self._index(index)
         if min_side is not None and (isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1):
             raise ValueError(f"min_side must be a positive int or None, got {min_side!r}")
+        if not isinstance(lazy, bool):
+            raise TypeError(f"lazy must be a bool, got {type(lazy).__name__}")
         try:
-            return self._raw(i, min_side)
+            return self._raw(i, min_side, lazy)
         except BadSample as exc:
             if exc.key is None:
                 raise BadSample(exc.reason, self.key(i)) from None
             raise
 
-    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
         raise NotImplementedError
 
     def key(self, index: int) -> str:
@@ -264,7 +278,7 @@ class TarShards(_Source):
         i = self._index(index)
         return f"{self.shards[self._shard[i]]}:{self._keys[i].decode('utf-8', 'surrogateescape')}"
 
-    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
         row, shard = self._rows[i].tolist(), int(self._shard[i])
         if row[_IMG_OFF] < 0:
             raise BadSample("missing image (no jpg/jpeg/png/webp member)")
@@ -282,8 +296,7 @@ class TarShards(_Source):
                 label = int(_decode_text(self._read(shard, row[_CLS_OFF], row[_CLS_LEN], ".cls")).strip())
             except ValueError:
                 label = -1
-        image = decode_image(self._read(shard, row[_IMG_OFF], row[_IMG_LEN], "image", MAX_IMAGE_BYTES),
-                             min_side=min_side)
+        image = _decode(self._read(shard, row[_IMG_OFF], row[_IMG_LEN], "image", MAX_IMAGE_BYTES), min_side, lazy)
         return RawSample(image=image, caption=caption, key=self.key(i), label=label)
 
 
@@ -322,7 +335,7 @@ class ImageFolderCaptions(_Source):
     def key(self, index: int) -> str:
         return os.path.join(self.root, self._images[self._index(index)])
 
-    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
         cap = self._captions[i]
         if cap is None:
             raise BadSample("missing caption (no same-stem .txt or .json file)")
@@ -332,7 +345,7 @@ class ImageFolderCaptions(_Source):
         else:
             caption = _decode_text(data)
         caption = _clean_caption(caption)
-        image = decode_image(_read_file(os.path.join(self.root, self._images[i]), "image"), min_side=min_side)
+        image = _decode(_read_file(os.path.join(self.root, self._images[i]), "image"), min_side, lazy)
         return RawSample(image=image, caption=caption, key=self.key(i))
 
 
@@ -376,9 +389,9 @@ class ClassFolder(_Source):
     def key(self, index: int) -> str:
         return os.path.join(self.root, self._images[self._index(index)])
 
-    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
         label = int(self._labels[i])
-        image = decode_image(_read_file(os.path.join(self.root, self._images[i]), "image"), min_side=min_side)
+        image = _decode(_read_file(os.path.join(self.root, self._images[i]), "image"), min_side, lazy)
         return RawSample(image=image, caption=self.classes[label], key=self.key(i), label=label)
 
 
@@ -412,7 +425,7 @@ class _RowSource(_Source):
     def key(self, index: int) -> str:
         return f"{self.path}:{self._lines[self._index(index)]}"
 
-    def _raw(self, i: int, min_side: int | None = None) -> RawSample:
+    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
         if self._errors[i] is not None:
             raise BadSample(self._errors[i])
         image, caption = self._images[i], self._caps[i]
@@ -427,8 +440,7 @@ class _RowSource(_Source):
         if "://" in image:
             raise BadSample(f"image {image} is a URL (aimv2 does not download)")
         full = image if os.path.isabs(image) else os.path.join(self._base, image)
-        return RawSample(image=decode_image(_read_file(full, "image"), min_side=min_side), caption=caption,
-                         key=self.key(i))
+        return RawSample(image=_decode(_read_file(full, "image"), min_side, lazy), caption=caption, key=self.key(i))
 
 
 class CSVSource(_RowSource):
