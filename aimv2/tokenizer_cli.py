@@ -81,83 +81,19 @@ def caption_reader(source: Any) -> tuple[Callable[[int], str], bool]:
     still a caption. Any other source with ``raw(i)`` or ``source[i]`` (a ``Sample``) is read through it, with
     its images decoded, and ``decodes_images`` is True.
     """
-    from .data import BadSample, ClassFolder, ImageFolderCaptions, ShapesDataset, TarShards
-    from .data.sources import _RowSource
+    from .data import ShapesDataset
+    from .data.sources import _Source
 
     if isinstance(source, ShapesDataset):
         return (lambda i: source.caption(source.scene(i))), False
-    if isinstance(source, ClassFolder):
-        return (lambda i: source.classes[source.label_of(i)]), False
-    fast = None
-    if isinstance(source, TarShards):
-        fast = _tar_caption
-    elif isinstance(source, ImageFolderCaptions):
-        fast = _folder_caption
-    elif isinstance(source, _RowSource):
-        fast = _row_caption
-    if fast is not None:
-        def read(i: int) -> str:
-            try:
-                return fast(source, i)
-            except BadSample as exc:
-                if exc.key is None:
-                    raise BadSample(exc.reason, source.key(i)) from None
-                raise
-        return read, False
+    if isinstance(source, _Source):  # tar shards, caption folders, CSV / JSONL, class folders
+        return source.caption, False
     if hasattr(source, "raw"):
         return (lambda i: source.raw(i).caption), True
     if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
         return (lambda i: source[i].caption), True
     raise TypeError(f"source must be 'shapes', a data path or a source with raw(i) or [i], got "
                     f"{type(source).__name__}")
-
-
-# The three readers below mirror the caption half of TarShards._raw, ImageFolderCaptions._raw and _RowSource._raw
-# (aimv2/data/sources.py); tests/test_tokenizer_cli.py checks that they return what raw(i).caption returns.
-
-def _tar_caption(src: Any, i: int) -> str:
-    from .data.decode import BadSample, _clean_caption, _decode_text, _json_caption
-    from .data.sources import _CAP_LEN, _CAP_OFF, _IMG_OFF, _JSON_LEN, _JSON_OFF
-
-    row, shard = src._rows[i].tolist(), int(src._shard[i])
-    if row[_IMG_OFF] < 0:
-        raise BadSample("missing image (no jpg/jpeg/png/webp member)")
-    if row[_CAP_OFF] >= 0 and src.caption_key != "json":
-        caption = _decode_text(src._read(shard, row[_CAP_OFF], row[_CAP_LEN], f".{src.caption_key}"))
-    elif row[_JSON_OFF] >= 0:
-        caption = _json_caption(src._read(shard, row[_JSON_OFF], row[_JSON_LEN], ".json"), src.json_field,
-                                ".json member")
-    else:
-        raise BadSample(f"missing caption (no .{src.caption_key} or .json member)")
-    return _clean_caption(caption)
-
-
-def _folder_caption(src: Any, i: int) -> str:
-    from .data.decode import MAX_CAPTION_BYTES, BadSample, _clean_caption, _decode_text, _json_caption, _read_file
-
-    cap = src._captions[i]
-    if cap is None:
-        raise BadSample("missing caption (no same-stem .txt or .json file)")
-    data = _read_file(os.path.join(src.root, cap), "caption", MAX_CAPTION_BYTES)
-    if cap.lower().endswith(".json"):
-        return _clean_caption(_json_caption(data, src.json_field, "caption .json"))
-    return _clean_caption(_decode_text(data))
-
-
-def _row_caption(src: Any, i: int) -> str:
-    from .data.decode import BadSample, _clean_caption
-
-    if src._errors[i] is not None:
-        raise BadSample(src._errors[i])
-    image, caption = src._images[i], src._caps[i]
-    if not isinstance(caption, str):
-        raise BadSample("missing caption" if caption is None else
-                        f"caption is a {type(caption).__name__}, not a string")
-    caption = _clean_caption(caption)
-    if not isinstance(image, str) or not image.strip():
-        raise BadSample("missing image" if image is None or isinstance(image, str) else
-                        f"image path is a {type(image).__name__}, not a string")
-    return caption
 
 
 def _open(source: Any, seed: int) -> tuple[Any, str]:

@@ -106,6 +106,21 @@ class _Source:
                 raise BadSample(exc.reason, self.key(i)) from None
             raise
 
+    def caption(self, index: int) -> str:
+        """The caption of sample ``index``, read without the image (``aimv2-tokenizer`` reads captions this way):
+        what ``raw(index).caption`` is, and the same ``BadSample`` for a sample without an image or a caption.
+        A corrupt image is not noticed here (its caption is still a caption)."""
+        i = self._index(index)
+        try:
+            return self._caption(i)
+        except BadSample as exc:
+            if exc.key is None:
+                raise BadSample(exc.reason, self.key(i)) from None
+            raise
+
+    def _caption(self, i: int) -> str:
+        raise NotImplementedError
+
     def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
         raise NotImplementedError
 
@@ -278,7 +293,7 @@ class TarShards(_Source):
         i = self._index(index)
         return f"{self.shards[self._shard[i]]}:{self._keys[i].decode('utf-8', 'surrogateescape')}"
 
-    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
+    def _caption(self, i: int) -> str:
         row, shard = self._rows[i].tolist(), int(self._shard[i])
         if row[_IMG_OFF] < 0:
             raise BadSample("missing image (no jpg/jpeg/png/webp member)")
@@ -289,7 +304,11 @@ class TarShards(_Source):
                                     self.json_field, ".json member")
         else:
             raise BadSample(f"missing caption (no .{self.caption_key} or .json member)")
-        caption = _clean_caption(caption)
+        return _clean_caption(caption)
+
+    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
+        caption = self._caption(i)
+        row, shard = self._rows[i].tolist(), int(self._shard[i])
         label = -1
         if row[_CLS_OFF] >= 0:
             try:
@@ -335,16 +354,17 @@ class ImageFolderCaptions(_Source):
     def key(self, index: int) -> str:
         return os.path.join(self.root, self._images[self._index(index)])
 
-    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
+    def _caption(self, i: int) -> str:
         cap = self._captions[i]
         if cap is None:
             raise BadSample("missing caption (no same-stem .txt or .json file)")
         data = _read_file(os.path.join(self.root, cap), "caption", MAX_CAPTION_BYTES)
         if cap.lower().endswith(".json"):
-            caption = _json_caption(data, self.json_field, "caption .json")
-        else:
-            caption = _decode_text(data)
-        caption = _clean_caption(caption)
+            return _clean_caption(_json_caption(data, self.json_field, "caption .json"))
+        return _clean_caption(_decode_text(data))
+
+    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
+        caption = self._caption(i)
         image = _decode(_read_file(os.path.join(self.root, self._images[i]), "image"), min_side, lazy)
         return RawSample(image=image, caption=caption, key=self.key(i))
 
@@ -389,6 +409,9 @@ class ClassFolder(_Source):
     def key(self, index: int) -> str:
         return os.path.join(self.root, self._images[self._index(index)])
 
+    def _caption(self, i: int) -> str:
+        return self.classes[int(self._labels[i])]
+
     def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
         label = int(self._labels[i])
         image = _decode(_read_file(os.path.join(self.root, self._images[i]), "image"), min_side, lazy)
@@ -425,7 +448,7 @@ class _RowSource(_Source):
     def key(self, index: int) -> str:
         return f"{self.path}:{self._lines[self._index(index)]}"
 
-    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
+    def _caption(self, i: int) -> str:
         if self._errors[i] is not None:
             raise BadSample(self._errors[i])
         image, caption = self._images[i], self._caps[i]
@@ -436,7 +459,11 @@ class _RowSource(_Source):
         if not isinstance(image, str) or not image.strip():
             raise BadSample("missing image" if image is None or isinstance(image, str) else
                             f"image path is a {type(image).__name__}, not a string")
-        image = image.strip()
+        return caption
+
+    def _raw(self, i: int, min_side: int | None = None, lazy: bool = False) -> RawSample:
+        caption = self._caption(i)
+        image = self._images[i].strip()
         if "://" in image:
             raise BadSample(f"image {image} is a URL (aimv2 does not download)")
         full = image if os.path.isabs(image) else os.path.join(self._base, image)
