@@ -152,6 +152,12 @@ PRESETS = {f"aimv2-{size}-patch14-{res}": _released(size, res) for size in _SIZE
 PRESETS["aimv2-large-patch14-native"] = lambda: dataclasses.replace(
     _released("large", 224)(), name="aimv2-large-patch14-native",
     encoder=EncoderConfig(image_size=224, dim=1024, depth=24, num_heads=8, pos_embed="sincos"))
+# Apple's code also defines a base size (ml-aim's aimv2_base: 768 wide, 12 blocks, 6 heads, SwiGLU 2048) without
+# released weights or a recipe: the LR and warm-up here are the family's (an assumption), the decoder the paper's.
+PRESETS["aimv2-base-patch14-224"] = lambda: AIMv2Config(
+    name="aimv2-base-patch14-224",
+    encoder=EncoderConfig(image_size=224, dim=768, depth=12, num_heads=6),
+    decoder=DecoderConfig(), peak_lr=1e-3, warmup_steps=PAPER_WARMUP_STEPS)
 # Small presets: "demo" trains on 2 CPU cores in a few minutes; "tiny" is for tests.
 PRESETS["aimv2-demo"] = _small("aimv2-demo", image_size=112, dim=128, depth=4, heads=2, dec_depth=2, context=112)
 PRESETS["aimv2-tiny"] = _small("aimv2-tiny", image_size=56, dim=64, depth=2, heads=2, dec_depth=1, context=24)
