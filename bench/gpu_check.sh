@@ -11,7 +11,8 @@
 #   tma        Triton attention with TMA loads against pointer loads (Hopper)                            (30)
 #   train      the AIMv2-L training step, batch 128, eager, every backend (MFU)                         (50)
 #   profile    the op shares of that step (torch profiler)                                              (25)
-#   smoke      aimv2-train (bf16 autocast, checkpoint, resume) and aimv2-probe on the GPU, tiny preset  (25)
+#   smoke      aimv2-train (bf16 autocast, checkpoint, resume with micro-batches and selective activation
+#              checkpointing) and aimv2-probe on the GPU, tiny preset  (25)
 # A stage that fails or hits its cap does not stop the next one; what it measured before its cap is kept (the
 # benchmarks save after every config). Each stage prints its exit code and wall time.
 #
@@ -178,6 +179,7 @@ smoke() {
     --ckpt-every 3 --no-progress --out "$run" \
   && "$PY" -m aimv2.train --preset aimv2-tiny --device "$DEV" --steps "$second" --batch-size 8 \
     --log-every 1 --ckpt-every 4 --no-progress --out "$run" --resume --new-schedule \
+    --micro-batch-size 4 --activation-checkpointing selective \
   && "$PY" -m aimv2.probe_cli --checkpoint "$run" --device "$DEV" --vs-random $SMOKE_PROBE --no-progress
   local rc=$?
   cp "$run/metrics.jsonl" "$DETAIL/smoke_metrics.jsonl" 2>/dev/null
