@@ -28,6 +28,7 @@ import torch
 
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_state
 from .config import PRESETS, AIMv2Config, EncoderConfig
+from .hub import is_hub_id
 from .layers import resize_pos_embed, sincos_pos_embed
 from .model import AIMv2
 from .weights import WEIGHT_FILES, is_training_run, read_pretrained
@@ -164,21 +165,22 @@ def init_from(source: str | os.PathLike[str], model: AIMv2, *, decoder: str = "l
         if t.is_meta:
             raise ValueError(f"init_from needs a materialised model: {k} is on the meta device")
     p = Path(source)
-    if not p.exists():
+    hub = not p.exists() and is_hub_id(source)  # released weights by Hugging Face hub id (aimv2.hub)
+    if not p.exists() and not hub:
         raise FileNotFoundError(f"--init-from {str(source)!r} does not exist")
 
     tcfg = model.cfg
-    if _is_training_source(p):
+    if not hub and _is_training_source(p):
         ckpt = find_checkpoint(p.parent if p.is_file() else p)  # a step_* folder's state.json: that checkpoint
         src_cfg, src, step = _read_training(ckpt)
         report = InitReport(source=str(ckpt), kind="training-checkpoint", source_config=src_cfg.to_dict(),
                             step=step)
         src_enc, src_name = src_cfg.encoder, src_cfg.name
     else:
-        src_enc, enc_sd = read_pretrained(p)
+        src_enc, enc_sd = read_pretrained(source if hub else p)
         src = {f"encoder.{k}": v for k, v in enc_sd.items()}
         src_cfg, src_name = None, None
-        report = InitReport(source=str(p), kind="released-weights")
+        report = InitReport(source=str(source) if hub else str(p), kind="released-weights")
     report.source_encoder = dataclasses.asdict(src_enc)
     where = f"--init-from {report.source}"
 

@@ -77,18 +77,20 @@ def _checkpoint_trunk(path: str, preset: str | None, backend: str):
 
 
 def _pretrained_trunk(path: str, preset: str | None, backend: str):
+    from .hub import HubNotFoundError, is_hub_id
     from .pretrained import ConfigMismatchError, WeightsError, is_training_run, load_pretrained_encoder
 
-    if not Path(path).exists():
+    if not Path(path).exists() and not is_hub_id(path):  # a hub id (owner/name[@rev]) resolves in the loader
         raise ProbeUsageError(f"--pretrained {path}: no such file or directory")
     if is_training_run(path):
         raise ProbeUsageError(f"--pretrained {path}: a training run (aimv2-train's checkpoints), not released "
                               f"weights; use --checkpoint {path}")
     try:  # config: weights of another shape than --preset are refused, every differing field named
         enc = load_pretrained_encoder(path, backend=backend, config=preset)
-    except ConfigMismatchError as exc:  # the weights are fine but not of --preset's shape
+    except (ConfigMismatchError, HubNotFoundError) as exc:  # not of --preset's shape; no such hub repo/revision
         raise ProbeUsageError(f"--pretrained {path}: {one_line(exc)}") from None
-    except (WeightsError, OSError) as exc:  # the loader's documented failures: unreadable or unfitting files
+    except (WeightsError, OSError, ImportError) as exc:  # unreadable or unfitting files, a hub repo not in the
+        # cache offline (HubCacheMissError), a hub id without huggingface_hub (ImportError): exit status 1
         raise OperationalError(f"--pretrained {path}: {one_line(exc)}") from None
     return enc.eval(), f"pretrained {path}", enc.cfg, "clip"
 

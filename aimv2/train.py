@@ -268,11 +268,16 @@ class Trainer:
         model = AIMv2(self.model_cfg)
         self.init_report = None
         if cfg.init_from:  # before sharding: the source's tensors go into the whole model
+            from .hub import HubNotFoundError
             from .init_from import init_from
             from .layouts import WeightsError
             try:
                 self.init_report = init_from(cfg.init_from, model, decoder=cfg.init_decoder)
-            except WeightsError as exc:  # unreadable or unknown released weights
+            except HubNotFoundError as exc:  # no such hub repo or revision: a bad flag
+                raise UsageError(f"--init-from {cfg.init_from}: {one_line(exc)}") from None
+            except ImportError as exc:  # a hub id without huggingface_hub installed
+                raise OperationalError(f"--init-from {cfg.init_from}: {one_line(exc)}") from None
+            except WeightsError as exc:  # unreadable or unknown released weights, a hub repo not in the cache
                 raise OperationalError(f"--init-from {cfg.init_from}: {one_line(exc)}") from None
             except ValueError as exc:  # another architecture or vocabulary: a bad --init-from for this run
                 raise UsageError(f"--init-from {cfg.init_from}: {one_line(exc)}") from None
@@ -892,7 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per block: none, full (recompute the block in the backward) or selective (keep matmul and "
                         "attention outputs, recompute the rest)")
     p.add_argument("--init-from", default=None, metavar="SOURCE",
-                   help="start a new run from a run folder, a checkpoint or released weights: the encoder (its "
+                   help="start a new run from a run folder, a checkpoint or released weights (a path or a Hugging "
+                        "Face hub id such as apple/aimv2-large-patch14-224): the encoder (its "
                         "learned position embedding resized) and the decoder when SOURCE has one; fresh optimizer "
                         "and schedule")
     p.add_argument("--init-decoder", default=d.init_decoder, choices=("load", "fresh"),
@@ -975,7 +981,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if args.init_from is not None and args.resume:
         parser.error("--init-from starts a new run; --resume continues one: pass one of them")
     if args.init_from is not None and not os.path.exists(args.init_from):
-        parser.error(f"--init-from {args.init_from}: no such file or folder")
+        from .hub import is_hub_id
+        if not is_hub_id(args.init_from):
+            parser.error(f"--init-from {args.init_from}: no such file or folder (nor a Hugging Face hub id "
+                         f"owner/name[@revision])")
     if world.isdigit() and int(world) > 1 and args.batch_size % int(world):
         parser.error(f"--batch-size {args.batch_size} is not a multiple of the world size {world}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):

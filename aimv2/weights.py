@@ -1,12 +1,15 @@
 """Reading released AIMv2 weights from disk: files, shards and ``config.json``, checked strictly (no model).
 
 :func:`read_pretrained` turns a folder (``config.json`` + ``model.safetensors``, ``pytorch_model.bin`` or a
-sharded ``*.index.json``) or a bare weights file in any layout of :mod:`aimv2.layouts` into an
-``EncoderConfig`` and a state dict under our keys; :meth:`aimv2.model.AIMv2Encoder.from_pretrained` builds the
-encoder from them. Loading is strict: every tensor the encoder needs must be there with its shape, and nothing
-else may be (apart from the other towers of a LiT checkpoint, which are skipped, and a pooling head, which is
-dropped only when asked). Any discrepancy raises :class:`CheckpointMismatchError` listing the keys; every
-failure that comes from the files is a :class:`~aimv2.layouts.WeightsError` (a ``ValueError``).
+sharded ``*.index.json``), a bare weights file, or a Hugging Face hub id (``apple/aimv2-large-patch14-224``,
+optionally ``@revision``: fetched into, or read from, huggingface_hub's cache by :func:`aimv2.hub.resolve`) in
+any layout of :mod:`aimv2.layouts` into an ``EncoderConfig`` and a state dict under our keys;
+:meth:`aimv2.model.AIMv2Encoder.from_pretrained` builds the encoder from them. Loading is strict: every tensor
+the encoder needs must be there with its shape, and nothing else may be (apart from the other towers of a LiT
+checkpoint, which are skipped, and a pooling head, which is dropped only when asked). Any discrepancy raises
+:class:`CheckpointMismatchError` listing the keys; every failure that comes from the files is a
+:class:`~aimv2.layouts.WeightsError` (a ``ValueError``), and so is every failure to resolve a hub id
+(:class:`~aimv2.hub.HubError`; no such repo and not in the cache are also ``FileNotFoundError``).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, AIMv2Config, EncoderConfig
+from .hub import HubCacheMissError, HubError, HubNotFoundError, is_hub_id
+from .hub import resolve as resolve_hub
 from .layers import resize_pos_embed
 from .layouts import (
     _CONV_BIAS,
@@ -38,8 +43,8 @@ from .layouts import (
     to_layout,
 )
 
-__all__ = ["WeightsError", "CheckpointMismatchError", "ConfigMismatchError", "read_pretrained", "is_training_run",
-           "WEIGHT_FILES"]
+__all__ = ["WeightsError", "CheckpointMismatchError", "ConfigMismatchError", "HubError", "HubNotFoundError",
+           "HubCacheMissError", "read_pretrained", "is_training_run", "is_hub_id", "WEIGHT_FILES"]
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -113,8 +118,9 @@ def _read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def _read_weights(file: Path) -> dict[str, torch.Tensor]:
-    """A weights file, or a sharded checkpoint's ``*.index.json`` (every shard it lists)."""
+def _read_weights(file: Path, blobs: Path | None = None) -> dict[str, torch.Tensor]:
+    """A weights file, or a sharded checkpoint's ``*.index.json`` (every shard it lists); ``blobs``: see
+    :func:`_shard_path`."""
     if not file.name.endswith(".index.json"):
         return _read_tensor_file(file)
     index = _read_json(file)
@@ -123,18 +129,20 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"shard index {file} has no 'weight_map'")
     out: dict[str, torch.Tensor] = {}
     for shard in dict.fromkeys(weight_map.values()):
-        shard_file = _shard_path(file, shard)
+        shard_file = _shard_path(file, shard, blobs)
         if not shard_file.is_file():
             raise FileNotFoundError(f"shard {shard_file} listed in {file} does not exist")
         out.update(_read_tensor_file(shard_file))
     return out
 
 
-def _shard_path(index_file: Path, shard: object) -> Path:
+def _shard_path(index_file: Path, shard: object, blobs: Path | None = None) -> Path:
     """The file of one ``weight_map`` entry of ``index_file``: a plain relative name inside the checkpoint folder.
 
     Refused (WeightsError): a non-string or empty name, an absolute path, any ``..`` component, and a name that
-    resolves (following symlinks) outside the folder of the index.
+    resolves (following symlinks) outside the folder of the index. ``blobs``: for a snapshot of huggingface_hub's
+    cache, whose files are symlinks to ``<repo>/blobs/<hash>``, a shard may also resolve to a file directly in
+    that folder.
     """
     if not isinstance(shard, str) or not shard or "\x00" in shard:
         raise WeightsError(f"shard index {index_file}: weight_map values must be file names, got {shard!r}")
@@ -145,10 +153,11 @@ def _shard_path(index_file: Path, shard: object) -> Path:
                            f"folder (absolute paths and '..' are refused)")
     folder = index_file.parent.resolve()
     target = (index_file.parent / rel).resolve()
-    if target == folder or not target.is_relative_to(folder):
+    in_blobs = blobs is not None and target.parent == blobs.resolve()
+    if not in_blobs and (target == folder or not target.is_relative_to(folder)):
         raise WeightsError(f"shard index {index_file}: shard {shard!r} resolves to {target}, outside the checkpoint "
                            f"folder {folder} (a symlink out of the folder is refused)")
-    return target
+    return index_file.parent / rel if in_blobs else target  # a blob is named by its hash: keep the file's name
 
 
 def _read_json(file: Path) -> dict:
@@ -183,13 +192,26 @@ def is_training_run(path: str | os.PathLike[str]) -> bool:
                for r in roots for c in r.iterdir())
 
 
-def _resolve(path) -> tuple[Path, Path | None]:
-    """``path`` -> (weights file, config.json or None)."""
+def _resolve(path) -> tuple[Path, Path | None, bool]:
+    """``path`` -> (weights file, config.json or None, whether ``path`` is a hub id).
+
+    A string that names no local path but is a hub id (:func:`aimv2.hub.is_hub_id`) is resolved to its snapshot
+    folder in huggingface_hub's cache (downloaded when needed and allowed); its errors name the id."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+        if not is_hub_id(path):
+            raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+        folder = resolve_hub(path)
+        for name in WEIGHT_FILES:
+            if (folder / name).is_file():
+                cfg = folder / "config.json"
+                return folder / name, (cfg if cfg.is_file() else None), True
+        repo_id, _, revision = str(path).partition("@")
+        fetch = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+        raise HubCacheMissError(f"hub repo {path}: its cached snapshot {folder} has none of "
+                                f"{', '.join(WEIGHT_FILES)} (a partial download?): fetch it with `{fetch}`")
     if is_training_run(p):
         raise WeightsError(f"{str(path)!r} is a training run of aimv2-train (checkpoints/step_*/state.json), not "
                            f"released weights: load its encoder with aimv2.checkpoint.load_trained_encoder(path), "
@@ -198,12 +220,19 @@ def _resolve(path) -> tuple[Path, Path | None]:
         for name in WEIGHT_FILES:
             if (p / name).is_file():
                 cfg = p / "config.json"
-                return p / name, (cfg if cfg.is_file() else None)
+                return p / name, (cfg if cfg.is_file() else None), False
         raise FileNotFoundError(f"checkpoint folder {str(path)!r} has none of {', '.join(WEIGHT_FILES)}")
     if not (p.name.endswith(".safetensors") or p.name.endswith(_TORCH_SUFFIXES)):
         raise WeightsError(f"checkpoint file {str(path)!r} is neither .safetensors nor a torch file "
                            f"({', '.join(_TORCH_SUFFIXES)}); pass a folder with config.json + model.safetensors")
-    return p, None
+    return p, None, False
+
+
+def _name_hub_source(exc: BaseException, hub_id: str) -> None:
+    """Prefix ``exc``'s message with ``hub repo ID:`` unless it names the id already (a message about a file of
+    the snapshot names the file by its path in the cache); type and attributes are kept."""
+    if len(exc.args) == 1 and isinstance(exc.args[0], str) and hub_id not in exc.args[0]:
+        exc.args = (f"hub repo {hub_id}: {exc.args[0]}",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,7 +299,11 @@ def read_pretrained(path: str | os.PathLike[str], *, image_size: int | None = No
                     drop_head: bool = False) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
     """The encoder shape and the fp32 tensors (under our keys) of released weights, checked strictly.
 
-    Arguments as in :func:`aimv2.pretrained.load_pretrained_encoder` (which builds the encoder from the result).
+    Arguments as in :func:`aimv2.pretrained.load_pretrained_encoder` (which builds the encoder from the result);
+    ``path`` may also be a Hugging Face hub id ``owner/name[@revision]`` (a ``str`` naming no local path; see
+    :mod:`aimv2.hub`: fetched into huggingface_hub's cache, or read from it offline). Hub failures raise
+    :class:`~aimv2.hub.HubError` (a WeightsError): :class:`~aimv2.hub.HubNotFoundError` and
+    :class:`~aimv2.hub.HubCacheMissError` are also FileNotFoundError; ImportError without huggingface_hub.
     Returns ``(cfg, state_dict)``: ``AIMv2Encoder(cfg).load_state_dict(state_dict, strict=True)`` fits exactly.
     """
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)):
@@ -282,9 +315,23 @@ def read_pretrained(path: str | os.PathLike[str], *, image_size: int | None = No
     if image_size is not None and image_size > MAX_IMAGE_SIZE:
         raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {image_size}")
     want, what = _wanted_config(config)
-    weights_file, config_file = _resolve(path)
-    source = str(path)
+    weights_file, config_file, from_hub = _resolve(path)
+    if not from_hub:
+        return _read_resolved(weights_file, config_file, str(path), image_size, want, what, drop_head)
+    snapshots = weights_file.parent.parent  # <cache>/models--owner--name/snapshots/<commit>/<file>
+    blobs = snapshots.parent / "blobs" if snapshots.name == "snapshots" else None
+    try:
+        return _read_resolved(weights_file, config_file, str(path), image_size, want, what, drop_head, blobs)
+    except (WeightsError, OSError) as exc:
+        _name_hub_source(exc, str(path))
+        raise
 
+
+def _read_resolved(weights_file: Path, config_file: Path | None, source: str, image_size: int | None,
+                   want: EncoderConfig | None, what: str, drop_head: bool,
+                   blobs: Path | None = None) -> tuple[EncoderConfig, dict]:
+    """:func:`read_pretrained` once the path is resolved: ``source`` names it in messages; ``blobs`` is the blob
+    folder of a hub snapshot (:func:`_shard_path`)."""
     # config.json first: every field it sets is type- and range-checked before any tensor is read or built.
     json_spec = None
     if config_file is not None:
@@ -295,7 +342,7 @@ def read_pretrained(path: str | os.PathLike[str], *, image_size: int | None = No
         except (TypeError, ValueError, OverflowError) as exc:  # a safety net: _spec_from_json names the field
             raise WeightsError(f"{config_file}: malformed value ({_one_line(exc)})") from None
 
-    raw = _read_weights(weights_file)
+    raw = _read_weights(weights_file, blobs)
     sd, prefix, stray = _split_towers(raw)
     layout = detect_layout(sd)
 

@@ -323,3 +323,30 @@ def test_a_run_writes_tensorboard_events_and_the_jsonl_record(tmp_path):
     events = acc.Scalars(loss_tag)
     assert [e.step for e in events] == [1, 2, 3]
     assert [e.value for e in events] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
+def test_init_from_a_hub_id_in_the_cache(tmp_path, monkeypatch):
+    """--init-from apple/...: released weights by hub id, read offline from the Hugging Face cache."""
+    pytest.importorskip("huggingface_hub")
+    from test_hub import _use_cache, add_to_cache
+
+    from aimv2.model import AIMv2Encoder
+    from aimv2.pretrained import save_encoder
+
+    torch.manual_seed(3)
+    source = AIMv2Encoder(AIMv2Config.from_name("aimv2-tiny").encoder)
+    cache = tmp_path / "hf-cache"
+    add_to_cache(cache, "someone/aimv2-tiny", save_encoder(source, tmp_path / "export", layout="hf"), "c" * 40)
+    _use_cache(monkeypatch, cache, offline=True)
+    cfg = parse_args(["--preset", "aimv2-tiny", "--init-from", "someone/aimv2-tiny", "--out", str(tmp_path / "r")])
+    trainer = Trainer(dataclasses.replace(cfg, backend="reference", device="cpu"))
+    for (name, p), (_, q) in zip(source.named_parameters(), trainer.model.encoder.named_parameters()):
+        assert torch.equal(p, q), name
+    assert trainer.init_report.kind == "released-weights"
+    trainer.loader.close()
+    with pytest.raises(SystemExit):  # neither a path nor an id: refused at parse time
+        parse_args(["--init-from", "not/a/hub/id/nor/a/path"])
+    from aimv2.cli import OperationalError
+
+    with pytest.raises(OperationalError, match="not in the Hugging Face cache.*hf download someone/missing"):
+        Trainer(dataclasses.replace(cfg, init_from="someone/missing", backend="reference", device="cpu"))
