@@ -21,6 +21,7 @@ import torch
 from .config import AIMv2Config, EncoderConfig
 from .layouts import LAYOUTS, WeightsError, _check_layout, config_json, detect_layout, from_layout, to_layout
 from .model import AIMv2Encoder
+from .processor import PRESETS, AIMv2ImageProcessor
 from .weights import CheckpointMismatchError, ConfigMismatchError, is_training_run, read_pretrained
 
 __all__ = ["LAYOUTS", "CheckpointMismatchError", "ConfigMismatchError", "WeightsError", "load_pretrained_encoder",
@@ -64,8 +65,10 @@ def load_pretrained_encoder(path: str | os.PathLike[str], *, image_size: int | N
                                         drop_head=drop_head)
 
 
-def save_encoder(encoder: AIMv2Encoder, path: str | os.PathLike[str], layout: str = "hf") -> Path:
-    """Write ``encoder`` as ``path/config.json`` + ``path/model.safetensors`` in ``layout``.
+def save_encoder(encoder: AIMv2Encoder, path: str | os.PathLike[str], layout: str = "hf", *,
+                 processor: AIMv2ImageProcessor | str | None = None) -> Path:
+    """Write ``encoder`` as ``path/config.json`` + ``path/model.safetensors`` in ``layout``, and its image
+    preprocessing as ``path/preprocessor_config.json``.
 
     ``"hf"`` is loadable by ``transformers.Aimv2VisionModel.from_pretrained(path)`` (``use_head=False``,
     ``is_native`` for a sin-cos encoder); ``"apple"`` is Apple's original keys with an ml-aim style
@@ -73,11 +76,19 @@ def save_encoder(encoder: AIMv2Encoder, path: str | os.PathLike[str], layout: st
     (``architecture`` + ``model_args``). Tensors keep the encoder's dtype; :func:`load_pretrained_encoder` reads all
     three back exactly. The folder is created if needed; existing files of those names are replaced.
 
+    ``preprocessor_config.json`` (every layout) is transformers' ``CLIPImageProcessor`` format, so
+    ``transformers.AutoImageProcessor.from_pretrained(path)`` and
+    :meth:`aimv2.processor.AIMv2ImageProcessor.from_pretrained` read it. ``processor``: None (default) writes the
+    released checkpoints' preprocessing at the encoder's image size (``AIMv2ImageProcessor.for_encoder``: for a
+    sin-cos encoder ``do_resize`` and ``do_center_crop`` false, as the native-resolution checkpoint); a preset
+    name (``"released"``, ``"ml-aim"``) that preset for the encoder; an ``AIMv2ImageProcessor`` itself.
+
     Raises:
-        TypeError: ``encoder`` is not an AIMv2Encoder.
-        ValueError: unknown layout; ``path`` is a file; ``"timm"`` for a sin-cos encoder (timm has no
-            native-resolution AIMv2, so an export would silently lose the position embedding) or a
-            norm_eps other than timm's 1e-5.
+        TypeError: ``encoder`` is not an AIMv2Encoder; ``processor`` is not an AIMv2ImageProcessor, a preset
+            name or None.
+        ValueError: unknown layout or ``processor`` preset; ``path`` is a file; ``"timm"`` for a sin-cos
+            encoder (timm has no native-resolution AIMv2, so an export would silently lose the position
+            embedding) or a norm_eps other than timm's 1e-5.
     """
     if not isinstance(encoder, AIMv2Encoder):
         raise TypeError(f"encoder must be an aimv2.model.AIMv2Encoder, got {type(encoder).__name__}")
@@ -85,6 +96,14 @@ def save_encoder(encoder: AIMv2Encoder, path: str | os.PathLike[str], layout: st
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     cfg = encoder.cfg
+    if isinstance(processor, str) and processor not in PRESETS:
+        raise ValueError(f"processor must be a preset name, one of {PRESETS}, or an AIMv2ImageProcessor, got "
+                         f"{processor!r}")
+    if processor is None or isinstance(processor, str):
+        processor = AIMv2ImageProcessor.for_encoder(cfg, "released" if processor is None else processor)
+    elif not isinstance(processor, AIMv2ImageProcessor):
+        raise TypeError(f"processor must be an aimv2.processor.AIMv2ImageProcessor, a preset name or None, got "
+                        f"{type(processor).__name__}")
     if layout == "timm" and cfg.pos_embed == "sincos":
         raise ValueError("layout='timm' cannot hold a sin-cos (native-resolution) encoder: timm's aimv2 models "
                          "only have a learned position embedding; use layout='hf' or 'apple'")
@@ -105,5 +124,6 @@ def save_encoder(encoder: AIMv2Encoder, path: str | os.PathLike[str], layout: st
     (out_dir / "config.json").write_text(json.dumps(config_json(cfg, layout, dtype), indent=2) + "\n")
     from safetensors.torch import save_file
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    processor.save_pretrained(out_dir)
     return out_dir
 
