@@ -11,8 +11,19 @@ per image and cached; the probe is then trained on the cached features with Adam
 warm-up then a cosine schedule down to ``min_lr``, gradient clipping at 3.0, and evaluated by top-1 on held-out
 images. Unlike the paper there is no data augmentation (features are cached) and no learning-rate sweep.
 
+The paper's protocol (Table A2; :func:`run_paper_probes`, ``aimv2-probe --protocol paper``): the same frozen
+trunk and head, but the training images are augmented anew every epoch (RandomResizedCrop 0.08-1 bicubic, flip,
+RandAugment ``rand-m9-mstd0.5-inc1``, ColorJitter 0.3: :mod:`aimv2.data.randaugment`), so the trunk runs on
+every training batch of every epoch (a trunk forward per image per epoch: 100 epochs cost about 100 feature
+extractions), and a sweep of probes over learning rate x weight decay (7 x 2 in the paper) is trained at once:
+each augmented batch goes through the trunk once and its features feed every probe of the sweep, so the sweep
+costs one trunk pass, not one per probe. Every sweep point's test top-1 is reported, and the best of them, as the
+paper reports it; choosing the best on the evaluation split itself is optimistic. Test images are not augmented
+(their features are extracted once).
+
 Python: :func:`run_probe` (one trunk) and :func:`run_probes` (several trunks on the same images), with the
-pieces :func:`extract_features`, :func:`train_probe`, :func:`evaluate_probe` and :func:`random_encoder`.
+pieces :func:`extract_features`, :func:`train_probe`, :func:`evaluate_probe` and :func:`random_encoder`;
+:func:`run_paper_probe` / :func:`run_paper_probes` with :class:`PaperProbeSettings` and :class:`AugmentedImages`.
 Command line: ``aimv2-probe --checkpoint runs/demo --vs-random`` (:mod:`aimv2.probe_cli`).
 """
 from __future__ import annotations
@@ -164,6 +175,10 @@ class LabelledImages:
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
 
+    def label_of(self, i: int) -> int:
+        """The label of item ``i`` (without reading its image)."""
+        return int(self.labels[i])
+
 
 class SourceImages:
     """``(image, label)`` items of an ``aimv2.data.ImageTextSource`` (e.g. ``ShapesDataset``), at ``indices``.
@@ -183,6 +198,11 @@ class SourceImages:
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         sample = self.source[self.indices[i]]
         return sample.image, int(sample.label)
+
+    def label_of(self, i: int) -> int:
+        """The label of item ``i``: the source's ``label_of`` when it has one, else read from the sample."""
+        label_of = getattr(self.source, "label_of", None)
+        return int(label_of(self.indices[i])) if label_of else int(self.source[self.indices[i]].label)
 
 
 class FolderImages:
@@ -214,6 +234,19 @@ class FolderImages:
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         raw = self.folder.raw(self.indices[i])
         return self.transform(raw.image), self._remap[int(raw.label)]
+
+    def label_of(self, i: int) -> int:
+        """The label of item ``i`` in ``classes`` (from the folder's listing when it can, else by reading it)."""
+        label_of = getattr(self.folder, "label_of", None)
+        label = label_of(self.indices[i]) if label_of else self.folder.raw(self.indices[i], lazy=True).label
+        return self._remap[int(label)]
+
+    def raw_item(self, i: int) -> tuple[Any, int]:
+        """``(image, label)`` of item ``i`` before any transform: the folder's image with only its header read
+        (a ``LazyImage``; decoded by the transform, at a reduced JPEG size when it allows), for an augmentation
+        to crop from the full image (:class:`AugmentedImages`). A corrupt file raises ``BadSample``."""
+        raw = self.folder.raw(self.indices[i], lazy=True)
+        return raw.image, self._remap[int(raw.label)]
 
 
 def heldout_shapes(image_size: int, train_size: int = 2000, test_size: int = 1000) -> tuple[SourceImages, SourceImages]:
@@ -356,7 +389,8 @@ class ProbeSettings:
     """Hyper-parameters of the probe (defaults: a few seconds on 2 CPU cores for the demo preset).
 
     The paper (docs/aimv2-reference.md §4) sweeps lr in [5e-5, 2e-3] and wd in {0.05, 0.1}, 100 epochs, batch
-    1024/512, with augmentation; here the features are cached, so there is no augmentation and no sweep.
+    1024/512, with augmentation; here the features are cached, so there is no augmentation and no sweep (that
+    protocol: :class:`PaperProbeSettings` and :func:`run_paper_probes`).
     """
     epochs: int = 30
     batch_size: int = 128
@@ -560,6 +594,438 @@ def run_probe(encoder: nn.Module, train: tuple[torch.Tensor, torch.Tensor] | _La
         :class:`AttentionPoolingClassifier`, times in seconds.
     """
     return run_probes({"trunk": encoder}, train, test, **kwargs)["trunk"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The paper's protocol: images augmented on the fly, a sweep of probes sharing each trunk forward
+# --------------------------------------------------------------------------------------------------------
+
+PAPER_LRS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3)
+PAPER_WEIGHT_DECAYS = (0.05, 0.1)
+
+
+@dataclasses.dataclass
+class PaperProbeSettings:
+    """The AIMv2 paper's attentive-probe recipe (Table A2); every default is the paper's ImageNet-1k value.
+
+    A sweep: one probe per ``(lr, weight_decay)`` in ``lrs x weight_decays`` (lr-major order, :meth:`sweep`),
+    each with its own AdamW (betas ``betas``; weight decay on the k/v/linear weights, as :func:`train_probe`),
+    linear warm-up over ``warmup_epochs`` then cosine to ``min_lr``, gradient clipping at ``grad_clip``. The
+    augmentation: ``aimv2.data.randaugment.ProbeTrainTransform(scale, ratio, flip, rand_augment,
+    color_jitter)``. ``batch_size``: 1024 for IN-1k in the paper, 512 for its other datasets. Epochs visit every
+    training image once, in ``ceil(M / batch_size)`` near-equal batches (no batch is dropped).
+    """
+    epochs: int = 100
+    batch_size: int = 1024
+    lrs: tuple[float, ...] = PAPER_LRS
+    weight_decays: tuple[float, ...] = PAPER_WEIGHT_DECAYS
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-5
+    grad_clip: float = 3.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    use_batch_norm: bool = True
+    num_queries: int = 1
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.3
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        for name in ("epochs", "batch_size", "num_queries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, low_ok in (("warmup_epochs", True), ("min_lr", True), ("grad_clip", False),
+                             ("color_jitter", True)):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0 or (value == 0 and not low_ok):
+                raise ValueError(f"{name} must be a {'non-negative' if low_ok else 'positive'} number, got {value!r}")
+        for name, low_ok in (("lrs", False), ("weight_decays", True)):
+            values = getattr(self, name)
+            if not isinstance(values, (tuple, list)) or not values or any(
+                    not _is_number(v) or v < 0 or (v == 0 and not low_ok) for v in values):
+                raise ValueError(f"{name} must be a non-empty sequence of "
+                                 f"{'non-negative' if low_ok else 'positive'} numbers, got {values!r}")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} has a repeated value: {values!r}")
+        if self.min_lr > min(self.lrs):
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed the smallest lr ({min(self.lrs)})")
+        if not 0 <= self.flip <= 1:
+            raise ValueError(f"flip must be in [0, 1], got {self.flip!r}")
+
+    def sweep(self) -> list[tuple[float, float]]:
+        """The ``(lr, weight_decay)`` points, lr-major: ``[(lrs[0], wds[0]), (lrs[0], wds[1]), ...]``."""
+        return [(float(lr), float(wd)) for lr in self.lrs for wd in self.weight_decays]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _raw_item(items: _LabelledItems, i: int) -> tuple[Any, int]:
+    raw = getattr(items, "raw_item", None)
+    return raw(i) if raw is not None else items[i]
+
+
+class AugmentedImages(torch.utils.data.Dataset):
+    """Training items augmented per epoch: ``ds[(epoch, i)] -> (image float32 (3, S, S) in [0, 1] or None,
+    label, i)``.
+
+    Item ``i``'s image before any transform (``items.raw_item(i)`` when the items have it, e.g.
+    :class:`FolderImages`: the full image; else ``items[i]``) goes through ``transform(image, rng)`` with
+    ``rng = numpy.random.default_rng([seed, epoch, i])``: an image's augmentation depends on ``(seed, epoch,
+    i)`` only (not on the batch, the order or the data-loading worker), and differs from epoch to epoch. An
+    unreadable item (``BadSample``) gives ``(None, -1, i)``. Picklable when ``items`` and ``transform`` are
+    (the data-loading workers of :func:`run_paper_probes`).
+    """
+
+    def __init__(self, items: _LabelledItems, transform: Callable[..., torch.Tensor], seed: int = 0):
+        self.items, self.transform, self.seed = items, transform, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, int, int]:
+        import numpy as np
+
+        from .data import BadSample
+
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, int(epoch), int(i)])
+        try:
+            image, label = _raw_item(self.items, i)
+            return self.transform(image, rng), int(label), int(i)
+        except BadSample:
+            return None, -1, int(i)
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """Batches of ``(epoch, item)`` keys: per epoch a seeded permutation of ``indices`` split into
+    ``ceil(M / batch_size)`` near-equal batches (as :func:`train_probe` batches cached features)."""
+
+    def __init__(self, indices: Sequence[int], batch_size: int, epochs: int, seed: int):
+        self.indices, self.epochs, self.seed = list(indices), epochs, seed
+        self.per_epoch = math.ceil(len(self.indices) / batch_size)
+
+    def __len__(self) -> int:
+        return self.epochs * self.per_epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        for epoch in range(self.epochs):
+            for chunk in torch.tensor_split(torch.randperm(len(self.indices), generator=gen), self.per_epoch):
+                yield [(epoch, self.indices[j]) for j in chunk.tolist()]
+
+
+def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor, list[int]]:
+    good = [b for b in batch if b[0] is not None]
+    images = torch.stack([b[0] for b in good]) if good else None
+    return images, torch.tensor([b[1] for b in good], dtype=torch.long), [b[2] for b in batch if b[0] is None]
+
+
+class _Subset:
+    """Items ``indices`` of ``items`` (keeps ``raw_item`` and ``label_of``)."""
+
+    def __init__(self, items: _LabelledItems, indices: Sequence[int]):
+        self.items, self.indices = items, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.items[self.indices[i]]
+
+    def raw_item(self, i: int) -> tuple[Any, int]:
+        return _raw_item(self.items, self.indices[i])
+
+    def label_of(self, i: int) -> int:
+        return _label_of(self.items, self.indices[i])
+
+
+def _label_of(items: _LabelledItems, i: int) -> int:
+    label_of = getattr(items, "label_of", None)
+    return int(label_of(i)) if label_of is not None else int(items[i][1])
+
+
+def _item_labels(items: _LabelledItems) -> tuple[list[int], list[int], int]:
+    """``(indices, labels, skipped)`` of the readable items (labels without decoding when the items can)."""
+    from .data import BadSample
+
+    indices, labels, skipped = [], [], 0
+    for i in range(len(items)):
+        try:
+            label = _label_of(items, i)
+        except BadSample:
+            skipped += 1
+            continue
+        if label < 0:
+            raise ValueError(f"data item {i} has no label ({label}): the probe needs labelled images")
+        indices.append(i)
+        labels.append(label)
+    return indices, labels, skipped
+
+
+def _mean_of(normalize: str | Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, ...]:
+    from .data import IMAGENET_MEAN
+
+    if isinstance(normalize, str) and normalize in NORMALIZATIONS:
+        return tuple(NORMALIZATIONS[normalize][0])
+    mean = getattr(normalize, "mean", None)
+    if isinstance(mean, torch.Tensor) and mean.numel() == 3:
+        return tuple(float(v) for v in mean.flatten())
+    return IMAGENET_MEAN
+
+
+def paper_transform(image_size: int, settings: PaperProbeSettings | None = None,
+                    normalize: str | Callable[[torch.Tensor], torch.Tensor] = "imagenet",
+                    ) -> Callable[..., torch.Tensor]:
+    """The training augmentation of :func:`run_paper_probes`: ``ProbeTrainTransform`` at ``image_size`` with
+    ``settings``' crop, flip, RandAugment and colour jitter; RandAugment's fill is ``normalize``'s mean."""
+    from .data.randaugment import ProbeTrainTransform
+
+    s = settings or PaperProbeSettings()
+    return ProbeTrainTransform(image_size, scale=s.scale, ratio=s.ratio, flip=s.flip, rand_augment=s.rand_augment,
+                               color_jitter=s.color_jitter or None, mean=_mean_of(normalize))
+
+
+def _first_side(items: _LabelledItems) -> int:
+    """The side of the first readable image of ``items`` (they are all of one size: ``extract_features``)."""
+    from .data import BadSample
+
+    for i in range(len(items)):
+        try:
+            return int(items[i][0].shape[-1])
+        except BadSample:
+            continue
+    raise ProbeDataError("data has no readable image")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+BEST_OF_SWEEP_NOTE = ("best = the sweep point with the highest top-1 on the evaluation split itself, as the paper "
+                      "reports; optimistic (the split that scores the probe also chose its lr and weight decay)")
+
+
+def run_paper_probes(encoders: nn.Module | Mapping[str, nn.Module],
+                     train: tuple[torch.Tensor, torch.Tensor] | _LabelledItems,
+                     test: tuple[torch.Tensor, torch.Tensor] | _LabelledItems | None = None, *,
+                     num_classes: int | None = None, test_fraction: float = 0.2,
+                     normalize: str | Callable[[torch.Tensor], torch.Tensor] = "imagenet",
+                     settings: PaperProbeSettings | None = None, seed: int = 0, image_size: int | None = None,
+                     transform: Callable[..., torch.Tensor] | None = None, extract_batch_size: int = 64,
+                     feature_dtype: torch.dtype = torch.float32, workers: int = 0,
+                     progress: bool | None = None) -> dict[str, dict]:
+    """The paper's attentive-probe protocol: frozen trunks, training images augmented every epoch, and a sweep of
+    probes over learning rate x weight decay that share each trunk forward.
+
+    Each step: a batch of training images is augmented (:class:`AugmentedImages`; once for all trunks),
+    normalized, run through each frozen trunk once (eval mode, no grad, bf16 autocast on CUDA; in chunks of
+    ``extract_batch_size`` images), and those features train every probe of the sweep (one AdamW step each, at
+    its own lr and weight decay). A step costs the trunk's forward on the batch (the bulk: about 165 GFLOPs per
+    image for AIMv2-L at 224 px) plus, per probe, the head's forward and backward (``O(N D h + D^2 + D C)`` per
+    image with :func:`probe_forward`: about 38 MFLOPs for AIMv2-L and 1000 classes, 0.02% of the trunk's; the
+    paper's 14 probes together 0.3%), plus the CPU augmentation (a few ms per image: use ``workers`` on a GPU
+    machine). Without the sharing, a sweep of P probes would cost P trunk passes. Test images are not augmented; their
+    features are extracted once per trunk and every probe is scored on them at the end.
+
+    Args:
+        encoders: an ``AIMv2Encoder`` or a mapping name -> encoder (all see the same augmented images); each
+            used frozen on its own device, its train/eval mode restored afterwards.
+        train, test, num_classes, test_fraction, normalize, seed, extract_batch_size, feature_dtype,
+            progress: as :func:`run_probes` (``feature_dtype``: of the cached test features; ``seed``: the
+            probes' init (the same for every sweep point), batch order, augmentation and the split).
+        settings: :class:`PaperProbeSettings` (None: the paper's values).
+        image_size: the side of the augmented crops; None: the size of the first test image.
+        transform: ``transform(image, rng) -> float32 (3, S, S)`` for the training images; None:
+            :func:`paper_transform` (the paper's augmentation).
+        workers: data-loading processes for the augmentation (0: in this process). The results do not depend
+            on it.
+    Returns:
+        name -> ``dict(protocol="paper", top1 (the best sweep point's), best=dict(index, lr, weight_decay,
+        top1), best_note, sweep=[dict(lr, weight_decay, top1, train_top1_augmented, final_loss, epoch_loss)],
+        majority_top1, num_train, num_test, skipped, num_classes, tokens, dim, steps, trunk_forwards,
+        extract_s, train_s, time_s=dict(data, trunk, probes), seed, settings, augmentation, probes)``:
+        ``train_top1_augmented`` is top-1 on the augmented batches of the last epoch (probes in training mode),
+        ``epoch_loss`` the mean cross-entropy of each epoch, ``trunk_forwards`` the trunk's calls during training
+        (one per chunk of each batch, whatever the sweep size), ``probes`` the trained
+        :class:`AttentionPoolingClassifier` per sweep point, in eval mode.
+    """
+    tqdm = require("tqdm.auto", "the probe's progress bar").tqdm
+
+    single = isinstance(encoders, nn.Module)
+    encs = {"trunk": encoders} if single else dict(encoders)
+    if not encs:
+        raise ValueError("encoders must hold at least one encoder")
+    settings = settings or PaperProbeSettings()
+    settings.check()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+    if test is None and not (isinstance(test_fraction, float | int) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    norm = _normalizer(normalize)
+    train_items = _as_items(train, "train")
+    indices, labels, skipped = _item_labels(train_items)
+    test_items = _as_items(test, "test") if test is not None else None
+    if test_items is None:
+        tr, te = _stratified_split(torch.tensor(labels, dtype=torch.long), float(test_fraction), seed)
+        if te.numel() == 0:
+            raise ProbeDataError("the split left no test image: give more images or a test set")
+        test_items = _Subset(train_items, [indices[k] for k in te.tolist()])
+        indices, labels = [indices[k] for k in tr.tolist()], [labels[k] for k in tr.tolist()]
+    if len(indices) < 2:
+        raise ProbeDataError(f"the probe needs at least 2 training images, got {len(indices)}")
+
+    t0 = time.perf_counter()
+    te_feats, te_labels, te_skipped = extract_features(encs, test_items, normalize=norm,
+                                                       batch_size=extract_batch_size, feature_dtype=feature_dtype,
+                                                       progress=progress, desc="test features")
+    extract_s = time.perf_counter() - t0
+    tr_labels = torch.tensor(labels, dtype=torch.long)
+    top = int(max(tr_labels.max(), te_labels.max()))
+    if num_classes is None:
+        num_classes = top + 1
+    elif top >= num_classes:
+        raise ValueError(f"num_classes is {num_classes} but the data has label {top}")
+    majority = int(torch.bincount(tr_labels, minlength=num_classes).argmax())
+    if transform is None:
+        transform = paper_transform(image_size or _first_side(test_items), settings, normalize)
+
+    sweep = settings.sweep()
+    devices = {name: _device_of(enc) for name, enc in encs.items()}
+    dim = {name: int(f.shape[-1]) for name, f in te_feats.items()}
+    heads: dict[str, list[AttentionPoolingClassifier]] = {}
+    optimizers: dict[str, list[torch.optim.Optimizer]] = {}
+    for name in encs:
+        heads[name], optimizers[name] = [], []
+        for lr, wd in sweep:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # every sweep point starts from the same probe
+                probe = AttentionPoolingClassifier(dim[name], num_classes, num_queries=settings.num_queries,
+                                                   use_batch_norm=settings.use_batch_norm)
+            probe = probe.to(devices[name]).train()
+            decay = [p for n, p in probe.named_parameters() if n.endswith("weight")]
+            no_decay = [p for n, p in probe.named_parameters() if not n.endswith("weight")]
+            heads[name].append(probe)
+            optimizers[name].append(torch.optim.AdamW([{"params": decay, "weight_decay": wd},
+                                                       {"params": no_decay, "weight_decay": 0.0}],
+                                                      lr=lr, betas=settings.betas))
+
+    sampler = _EpochBatches(indices, settings.batch_size, settings.epochs, seed)
+    total, per_epoch = len(sampler), sampler.per_epoch
+    warmup = round(settings.warmup_epochs * per_epoch)
+    loader = torch.utils.data.DataLoader(AugmentedImages(train_items, transform, seed), batch_sampler=sampler,
+                                         num_workers=workers, collate_fn=_collate,
+                                         pin_memory=any(d.type == "cuda" for d in devices.values()))
+    zeros = {name: [torch.zeros((), device=devices[name]) for _ in sweep] for name in encs}
+    ep_loss = {name: [z.clone() for z in zeros[name]] for name in encs}
+    ep_correct = {name: [z.clone() for z in zeros[name]] for name in encs}
+    epoch_loss: dict[str, list[list[float]]] = {name: [[] for _ in sweep] for name in encs}
+    last_correct: dict[str, list[float]] = {name: [0.0] * len(sweep) for name in encs}
+    forwards = dict.fromkeys(encs, 0)
+    bad: set[int] = set()
+    seen = 0
+    times = {"data": 0.0, "trunk": 0.0, "probes": 0.0}
+    modes = {name: enc.training for name, enc in encs.items()}
+    bar = tqdm(total=total, disable=None if progress is None else not progress, desc="paper probe", unit="step",
+               dynamic_ncols=True)
+    t_train = time.perf_counter()
+    try:
+        for enc in encs.values():
+            enc.eval()
+        step = 0
+        t_data = time.perf_counter()
+        for images, batch_labels, batch_bad in loader:
+            times["data"] += time.perf_counter() - t_data
+            bad.update(batch_bad)
+            if images is not None:
+                x = norm(images.float())
+                seen += len(batch_labels)
+                for name, enc in encs.items():
+                    device = devices[name]
+                    t1 = time.perf_counter()
+                    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                         enabled=device.type == "cuda"):
+                        chunks = []
+                        for xc in torch.split(x, extract_batch_size):
+                            chunks.append(enc(xc.to(device, non_blocking=True)).float())
+                            forwards[name] += 1
+                    feats = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+                    y = batch_labels.to(device, non_blocking=True)
+                    _sync(device)
+                    t2 = time.perf_counter()
+                    times["trunk"] += t2 - t1
+                    for k, ((lr, _), probe, opt) in enumerate(zip(sweep, heads[name], optimizers[name])):
+                        for group in opt.param_groups:
+                            group["lr"] = probe_lr(step, total, lr, warmup, settings.min_lr)
+                        logits, _ = probe_forward(probe, feats)
+                        loss = F.cross_entropy(logits, y)
+                        loss.backward()
+                        nn.utils.clip_grad_norm_(probe.parameters(), settings.grad_clip)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        ep_loss[name][k] += loss.detach() * len(y)
+                        ep_correct[name][k] += (logits.detach().argmax(-1) == y).sum()
+                    _sync(device)
+                    times["probes"] += time.perf_counter() - t2
+            step += 1
+            bar.update(1)
+            if step % per_epoch == 0:  # the end of an epoch: one sync for the running sums
+                for name in encs:
+                    losses = torch.stack(ep_loss[name]).tolist()
+                    correct = torch.stack(ep_correct[name]).tolist()
+                    for k in range(len(sweep)):
+                        epoch_loss[name][k].append(losses[k] / max(1, seen))
+                        last_correct[name][k] = correct[k] / max(1, seen)
+                        ep_loss[name][k].zero_()
+                        ep_correct[name][k].zero_()
+                best_loss = min(v[-1] for per in epoch_loss.values() for v in per)
+                bar.set_postfix(epoch=step // per_epoch, best_loss=f"{best_loss:.3f}")
+                seen = 0
+            t_data = time.perf_counter()
+    finally:
+        bar.close()
+        for name, enc in encs.items():
+            enc.train(modes[name])
+    train_s = time.perf_counter() - t_train
+    num_train = len(indices) - len(bad)
+    if num_train < 1:
+        raise ProbeDataError(f"train data has no readable image ({skipped + len(bad)} skipped)")
+    results = {}
+    for name in encs:
+        points = []
+        for k, ((lr, wd), probe) in enumerate(zip(sweep, heads[name])):
+            probe.eval()
+            points.append({"lr": lr, "weight_decay": wd, "top1": evaluate_probe(probe, te_feats[name], te_labels),
+                           "train_top1_augmented": last_correct[name][k],
+                           "final_loss": epoch_loss[name][k][-1] if epoch_loss[name][k] else None,
+                           "epoch_loss": [round(v, 6) for v in epoch_loss[name][k]]})
+        best = max(range(len(points)), key=lambda k: points[k]["top1"])  # ties: the first in sweep order
+        results[name] = {
+            "protocol": "paper", "top1": points[best]["top1"],
+            "best": {"index": best, "lr": points[best]["lr"], "weight_decay": points[best]["weight_decay"],
+                     "top1": points[best]["top1"]},
+            "best_note": BEST_OF_SWEEP_NOTE, "sweep": points,
+            "majority_top1": float((te_labels == majority).float().mean()),
+            "num_train": num_train, "num_test": int(te_labels.numel()),
+            "skipped": skipped + len(bad) + te_skipped, "num_classes": num_classes,
+            "tokens": int(te_feats[name].shape[1]), "dim": dim[name], "steps": total,
+            "trunk_forwards": forwards[name], "extract_s": round(extract_s / len(encs), 3),
+            "train_s": round(train_s, 3), "time_s": {k: round(v, 3) for k, v in times.items()}, "seed": seed,
+            "settings": dataclasses.asdict(settings), "augmentation": repr(transform), "probes": heads[name],
+        }
+    return results
+
+
+def run_paper_probe(encoder: nn.Module, train: tuple[torch.Tensor, torch.Tensor] | _LabelledItems,
+                    test: tuple[torch.Tensor, torch.Tensor] | _LabelledItems | None = None,
+                    **kwargs: Any) -> dict:
+    """:func:`run_paper_probes` for one trunk: its result dict (every sweep point, the best, the trained probes)."""
+    return run_paper_probes({"trunk": encoder}, train, test, **kwargs)["trunk"]
 
 
 # --------------------------------------------------------------------------------------------------------
