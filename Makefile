@@ -26,8 +26,14 @@ venv: $(PY)
 	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PIP) install -q "torch==$(TORCH_VERSION)"
 	@$(PIP) install -q --upgrade "setuptools>=64" wheel ninja
 
+# timm (the parity tests of tests/test_timm_parity.py) goes in without its dependencies: they include torchvision,
+# whose wheels pin another torch (a multi-GB CUDA build on a CPU machine). The tests give timm a stand-in for the
+# few torchvision names it imports, pinned to what this timm version imports (tests/_torchvision_stub.py).
+TIMM_VERSION ?= 1.0.31
 install: venv
 	$(PIP) install -q --no-build-isolation -e ".[test]"
+	@$(PY) -c "import importlib.metadata as m; assert m.version('timm') == '$(TIMM_VERSION)'" 2>/dev/null \
+		|| $(PIP) install -q --no-deps "timm==$(TIMM_VERSION)"
 
 # Trains the demo preset, then probes its frozen trunk and a randomly initialised one (same preset, same probe
 # settings and images) on the bundled held-out shapes, and prints both top-1 figures (see README: at the demo's scale

@@ -221,9 +221,34 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, *, device: torch.device
     return torch.cat([encode(cols), encode(rows)], dim=1).to(dtype)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], *,
+                     antialias: bool = True) -> torch.Tensor:
     """Resize a learned position embedding ``(1, gh*gw, D)`` (raster order) to ``new_grid`` bicubically on its
-    2-D grid (``align_corners=False``, as timm does); returns ``(1, nh*nw, D)`` in the input's dtype."""
+    2-D grid; returns ``(1, nh*nw, D)`` in the input's dtype (``pos_embed`` itself when the grids are equal).
+
+    This is timm's ``resample_abs_pos_embed`` (``interpolation="bicubic"``, ``antialias=True``,
+    ``align_corners=None``, no prefix tokens, as timm's AIMv2 models call it, on the fly with
+    ``dynamic_img_size=True`` and when loading weights into a model of another size): the table is upcast to
+    float32, viewed as ``(1, D, gh, gw)``, resized with ``F.interpolate(mode="bicubic", align_corners=False,
+    antialias=antialias)``, flattened back in raster order and cast to the input's dtype.
+
+    ``antialias`` picks one of torch's two bicubic kernels, and it matters when *enlarging* as well as when
+    shrinking (it is not only an anti-aliasing low-pass):
+
+    - ``True`` (default, timm's): Pillow's separable resampling: the Keys cubic with ``a = -0.5``, its support
+      widened by the shrink factor when shrinking, the taps that fall outside the grid dropped and the rest
+      renormalised to sum to one.
+    - ``False`` (what this function did before, and OpenCV's / torch's plain bicubic): the cubic with
+      ``a = -0.75``, always 4 taps per axis, the border replicated (indices clamped).
+
+    On a random table the two differ by about 8% relative (RMS) when enlarging 16 -> 24 (224 -> 336 px at
+    patch 14) and about 38% when shrinking 16 -> 12 (224 -> 168 px). Through an encoder (2 random blocks, a
+    N(0, 0.02) table) ``antialias=False`` puts the features about 2e-3 (336 px) and 8e-3 (168 px) relative
+    from timm's, ``antialias=True`` about 3e-7, fp32 rounding (tests/test_timm_parity.py). A constant table
+    stays constant with either.
+    """
+    if not isinstance(antialias, bool):
+        raise TypeError(f"antialias must be a bool, got {type(antialias).__name__}")
     (gh, gw), (nh, nw) = old_grid, new_grid
     if pos_embed.dim() != 3 or pos_embed.shape[1] != gh * gw:
         raise ValueError(f"pos_embed must have shape (1, {gh * gw}, D), got {tuple(pos_embed.shape)}")
@@ -231,7 +256,8 @@ def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_gri
         return pos_embed
     d = pos_embed.shape[-1]
     grid = pos_embed.float().reshape(1, gh, gw, d).permute(0, 3, 1, 2)
-    grid = torch.nn.functional.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
+    grid = torch.nn.functional.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False,
+                                           antialias=antialias)
     return grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(pos_embed.dtype)
 
 

@@ -1,7 +1,9 @@
 """The AIMv2 encoder (with the released checkpoints' module names), the causal multimodal decoder and the loss."""
 from __future__ import annotations
 
+import numbers
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +47,16 @@ class PatchEmbed(nn.Module):
 
 class ViTPreprocessor(nn.Module):
     """Patch embedding plus the position embedding (learned ``[1, N, D]`` or fixed 2-D sin-cos). Initialised by
-    :meth:`init_weights`."""
+    :meth:`init_weights`.
 
-    def __init__(self, cfg: EncoderConfig):
+    ``antialias`` (a plain attribute, not part of the state dict; default True): the bicubic kernel that resizes
+    a learned table for an image that is not ``image_size`` square (:func:`aimv2.layers.resize_pos_embed`):
+    True is timm's (``resample_abs_pos_embed``), False the plain bicubic this module used before."""
+
+    def __init__(self, cfg: EncoderConfig, *, antialias: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.antialias = _check_flag("antialias", antialias)
         with _building_children():
             self.patchifier = PatchEmbed(cfg)
         if cfg.pos_embed == "learned":
@@ -64,8 +71,11 @@ class ViTPreprocessor(nn.Module):
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         if self.pos_embed is not None:
             g = self.cfg.grid_size
-            # Another resolution: the learned [1, g*g, D] table is resized bicubically on its 2-D grid.
-            return x + (self.pos_embed if grid == (g, g) else resize_pos_embed(self.pos_embed, (g, g), grid))
+            # Another resolution: the learned [1, g*g, D] table is resized bicubically on its 2-D grid, on the
+            # fly (as timm's dynamic_img_size does; gradients flow to the table).
+            if grid == (g, g):
+                return x + self.pos_embed
+            return x + resize_pos_embed(self.pos_embed, (g, g), grid, antialias=self.antialias)
         pos = sincos_pos_embed(*grid, self.cfg.dim, device=x.device)
         return x + pos.to(x.dtype)
 
@@ -77,10 +87,70 @@ class ViTPreprocessor(nn.Module):
             nn.init.normal_(self.pos_embed, std=0.02)
 
 
+OUTPUT_FORMATS = ("NLC", "NCHW")
+
+# What the encoder's forward takes (a TypeError for anything else names the class that makes it from images).
+_PROCESSOR = "aimv2.processor.AIMv2ImageProcessor"
+
+
+def feature_take_indices(depth: int, indices: int | Sequence[int] | None = None) -> list[int]:
+    """The blocks ``indices`` names, as sorted distinct absolute indices in ``[0, depth)`` (timm's
+    ``feature_take_indices`` and its meaning, in the order :meth:`AIMv2Encoder.forward_intermediates` returns
+    them).
+
+    Args:
+        depth: the number of blocks.
+        indices: None: every block; an int ``n``: the last ``n`` blocks (``1 <= n <= depth``); a sequence of
+            ints: those blocks, a negative index counting from the end (``-1`` is the last block). A block
+            named twice is taken once, and the blocks come in block order whatever the order given (as timm,
+            which collects them while it runs the blocks).
+
+    Raises:
+        TypeError: ``indices`` is not None, an int or a sequence of ints (a bool is not an int here).
+        ValueError: ``n`` or an index out of range, or an empty sequence.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, bool):
+        raise TypeError("indices must be None, an int (the last n blocks) or a sequence of block indices, got bool")
+    if isinstance(indices, numbers.Integral):
+        indices = int(indices)
+        if not 1 <= indices <= depth:
+            raise ValueError(f"indices: the last n blocks needs 1 <= n <= {depth} (the depth), got {indices}")
+        return list(range(depth - indices, depth))
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Sequence):
+        raise TypeError(f"indices must be None, an int (the last n blocks) or a sequence of block indices, "
+                        f"got {type(indices).__name__}")
+    if len(indices) == 0:
+        raise ValueError("indices must name at least one block, got an empty sequence")
+    taken = set()
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"indices must hold ints, got {type(i).__name__} ({i!r})")
+        i = int(i)
+        if not -depth <= i < depth:
+            raise ValueError(f"indices: block {i} is out of range for depth {depth} (-{depth} to {depth - 1})")
+        taken.add(i % depth)
+    return sorted(taken)
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 class AIMv2Encoder(nn.Module):
     """The AIMv2 ViT. State-dict keys equal Apple's original layout (``preprocessor.*``, ``trunk.*``).
 
-    The constructor initialises it as for training (:meth:`init_weights`), unless built on the meta device."""
+    The constructor initialises it as for training (:meth:`init_weights`), unless built on the meta device.
+
+    Input: normalized float pixels ``(B, C, H, W)``, ``H`` and ``W`` multiples of the patch size; PIL images
+    and arrays are made into those by ``aimv2.processor.AIMv2ImageProcessor`` (passing one here is a
+    TypeError). :attr:`pos_embed_antialias` picks how a learned position table is resized for another
+    resolution (timm's kernel by default)."""
 
     def __init__(self, cfg: EncoderConfig, backend: str = "auto"):
         super().__init__()
@@ -90,23 +160,113 @@ class AIMv2Encoder(nn.Module):
             self.trunk = Transformer(cfg.dim, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, backend)
         _init_unless_nested(self)
 
-    def forward(self, images: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """``images (B, C, H, W)`` float -> features ``(B, N, D)`` after the final RMSNorm, ``N = (H/p)(W/p)``.
+    @property
+    def pos_embed_antialias(self) -> bool:
+        """Whether a learned position table is resized with torch's antialiased bicubic kernel (True, the
+        default: timm's ``resample_abs_pos_embed``, so features at other resolutions match timm's AIMv2 models)
+        or the plain one (False: this encoder's behaviour before, kept for features computed with it). A
+        runtime setting like the backend: not saved with the weights, and without effect at ``image_size``
+        square or for the sin-cos table. :func:`aimv2.layers.resize_pos_embed` says what differs."""
+        return self.preprocessor.antialias
 
-        Any multiple of the patch size works: a learned position embedding is resized bicubically on its 2-D
-        grid when the image is not ``image_size`` square; the sin-cos one is computed for the grid.
+    @pos_embed_antialias.setter
+    def pos_embed_antialias(self, value: bool) -> None:
+        self.preprocessor.antialias = _check_flag("pos_embed_antialias", value)
 
-        ``prefix_lens`` (int ``(B,)``) applies AIMv2's pre-training prefix attention (query i sees key j iff
-        ``j <= i`` or ``j < prefix_lens[b]``); None gives bidirectional attention, as at inference.
-        """
+    def _check_images(self, images: object) -> None:
         c = self.cfg
+        if not isinstance(images, torch.Tensor):
+            kind = type(images)
+            raise TypeError(f"images must be a float tensor (B, {c.in_chans}, H, W) of normalized pixels, got "
+                            f"{kind.__module__}.{kind.__qualname__}; make it from PIL images or arrays with "
+                            f"{_PROCESSOR}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor of normalized pixels, got {images.dtype}; make it from "
+                            f"raw pixels with {_PROCESSOR}")
         if images.dim() != 4 or images.shape[1] != c.in_chans:
             raise ValueError(f"images must have shape (B, {c.in_chans}, H, W), got {tuple(images.shape)}")
         if images.shape[-2] % c.patch_size or images.shape[-1] % c.patch_size:
             raise ValueError(f"images must have sides that are multiples of {c.patch_size}, "
                              f"got {tuple(images.shape[-2:])}")
+
+    def forward(self, images: torch.Tensor, prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """``images (B, C, H, W)`` float -> features ``(B, N, D)`` after the final RMSNorm, ``N = (H/p)(W/p)``.
+
+        Any multiple of the patch size works: a learned position embedding is resized bicubically on its 2-D
+        grid when the image is not ``image_size`` square (:attr:`pos_embed_antialias`); the sin-cos one is
+        computed for the grid.
+
+        ``prefix_lens`` (int ``(B,)``) applies AIMv2's pre-training prefix attention (query i sees key j iff
+        ``j <= i`` or ``j < prefix_lens[b]``); None gives bidirectional attention, as at inference.
+
+        Raises TypeError for anything but a float tensor (a PIL image, an array: see
+        ``aimv2.processor.AIMv2ImageProcessor``), ValueError for a wrong shape.
+        """
+        self._check_images(images)
         x = self.preprocessor(images)
         return self.trunk(x, prefix_lens, causal=prefix_lens is not None)
+
+    def forward_intermediates(self, images: torch.Tensor, indices: int | Sequence[int] | None = None, *,
+                              norm: bool = False, output_fmt: str = "NLC", intermediates_only: bool = False,
+                              stop_early: bool = False, prefix_lens: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """The outputs of chosen blocks, with timm's name and meaning (``VisionTransformer.forward_intermediates``).
+
+        Args:
+            images: as :meth:`forward`.
+            indices: which blocks (:func:`feature_take_indices`): None every block, an int ``n`` the last
+                ``n``, a sequence of block indices (negative from the end). The intermediates come in block
+                order, each block once.
+            norm: apply the final RMSNorm (``trunk.post_trunk_norm``) to each intermediate, so that the last
+                block's equals :meth:`forward`'s output. Default False, as timm.
+            output_fmt: ``"NLC"`` (default here): ``(B, N, D)`` tokens in raster order; ``"NCHW"``:
+                ``(B, D, H/p, W/p)``, contiguous (timm's default). The final features stay ``(B, N, D)``.
+            intermediates_only: return the list only (the final norm is then not computed).
+            stop_early: run no block after the last one asked for. The final features are then the final norm
+                of that block's output (as timm), not :meth:`forward`'s unless it is the last block.
+            prefix_lens: as :meth:`forward` (prefix attention; None: bidirectional).
+
+        Returns:
+            ``(final_features (B, N, D), [intermediate, ...])``, or the list alone with ``intermediates_only``.
+            Without ``stop_early`` the final features equal :meth:`forward`'s, and each intermediate is
+            exactly the block's output in :meth:`forward` (the same modules, called the same way).
+
+        Keyword-only after ``indices``: timm's positional order differs (its third argument is
+        ``return_prefix_tokens``; this encoder has no prefix tokens), so a positional call could not mean the
+        same in both.
+
+        Raises:
+            TypeError: ``images`` not a float tensor (see :meth:`forward`), ``indices`` of the wrong type, a
+                flag that is not a bool, ``output_fmt`` not a str.
+            ValueError: a bad image shape, ``indices`` out of range or empty, an unknown ``output_fmt``.
+        """
+        c = self.cfg
+        take = feature_take_indices(c.depth, indices)
+        norm = _check_flag("norm", norm)
+        intermediates_only = _check_flag("intermediates_only", intermediates_only)
+        stop_early = _check_flag("stop_early", stop_early)
+        if not isinstance(output_fmt, str):
+            raise TypeError(f"output_fmt must be a str, one of {OUTPUT_FORMATS}, got {type(output_fmt).__name__}")
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
+        self._check_images(images)
+        causal = prefix_lens is not None
+        wanted, last = set(take), take[-1]
+        blocks = self.trunk.blocks
+        x = self.preprocessor(images)
+        intermediates = []
+        for i, block in enumerate(blocks):
+            if stop_early and i > last:
+                break
+            x = block(x, prefix_lens, causal)
+            if i in wanted:
+                intermediates.append(self.trunk.post_trunk_norm(x) if norm else x)
+        if output_fmt == "NCHW":
+            b, h, w = images.shape[0], images.shape[-2] // c.patch_size, images.shape[-1] // c.patch_size
+            intermediates = [y.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self.trunk.post_trunk_norm(x), intermediates
 
     def init_weights(self) -> None:
         """The trunk's (xavier-uniform linears, unit norms), then the preprocessor's."""

@@ -198,7 +198,7 @@ def test_learned_pos_embed_is_resized_bicubically(tiny):
     assert resize_pos_embed(pos, (4, 4), (4, 4)) is pos
     big = resize_pos_embed(pos, (4, 4), (5, 7))
     grid = pos.detach().reshape(1, 4, 4, -1).permute(0, 3, 1, 2).double()
-    want = torch.nn.functional.interpolate(grid, size=(5, 7), mode="bicubic", align_corners=False)
+    want = torch.nn.functional.interpolate(grid, size=(5, 7), mode="bicubic", align_corners=False, antialias=True)
     torch.testing.assert_close(big.detach().double(), want.permute(0, 2, 3, 1).reshape(1, 35, -1),
                                rtol=0, atol=1e-6)
     # a constant table stays constant (bicubic weights sum to one)

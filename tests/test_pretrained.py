@@ -396,7 +396,8 @@ def test_image_size_resizes_learned_pos_embed_bicubically(tmp_path):
     assert big.cfg == EncoderConfig(**{**TINY, "image_size": 84})
     table = enc.preprocessor.pos_embed.detach()  # (1, 16, D) on a 4 x 4 grid
     grid = table.reshape(1, 4, 4, D).permute(0, 3, 1, 2)
-    want = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, D)
+    want = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False, antialias=True)  # as timm
+    want = want.permute(0, 2, 3, 1).reshape(1, 36, D)
     assert big.preprocessor.pos_embed.shape == (1, 36, D)
     assert torch.equal(big.preprocessor.pos_embed, want)
     assert torch.equal(big.preprocessor.pos_embed, resize_pos_embed(table, (4, 4), (6, 6)))
