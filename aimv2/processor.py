@@ -349,7 +349,8 @@ class AIMv2ImageProcessor:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str]) -> AIMv2ImageProcessor:
         """Read ``path/preprocessor_config.json`` (``path`` a folder, e.g. a released checkpoint or an export
-        of ``aimv2.pretrained.save_encoder``) or the JSON file ``path`` itself.
+        of ``aimv2.pretrained.save_encoder``, or a Hugging Face hub id resolved through :mod:`aimv2.hub`) or the
+        JSON file ``path`` itself.
 
         Raises:
             TypeError: ``path`` is not a str / PathLike.
@@ -359,6 +360,11 @@ class AIMv2ImageProcessor:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         file = Path(path)
+        if not file.exists():
+            from .hub import is_hub_id, resolve
+
+            if is_hub_id(path):
+                file = resolve(path)
         if file.is_dir():
             file = file / CONFIG_NAME
         if not file.is_file():

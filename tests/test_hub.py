@@ -398,3 +398,11 @@ def test_probe_pretrained_unknown_repo_is_a_usage_error(online, capsys):
     err = capsys.readouterr().err
     assert err.startswith("aimv2-probe: error: --pretrained apple/nope: ") and "no model repo" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_processor_reads_a_hub_repos_preprocessor_config(hub_cache):
+    """AIMv2ImageProcessor.from_pretrained(hub id): the cached snapshot's preprocessor_config.json."""
+    from aimv2.processor import AIMv2ImageProcessor
+
+    got = AIMv2ImageProcessor.from_pretrained(REPO)
+    assert got == AIMv2ImageProcessor.from_preset("released", image_size=28)
