@@ -18,8 +18,10 @@ The error policy, the same for every tool (each ``main`` runs its body through :
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -99,3 +101,32 @@ def run_main(prog: str, body: Callable[..., int], *args: Any, **kwargs: Any) -> 
     except OPERATIONAL_ERRORS as exc:
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def check_output_file(path: str, flag: str = "--out") -> None:
+    """``--out FILE``, checked before the work starts: a folder is a usage error, a path that cannot be written an
+    operational one. An existing file is left as it is (opened for appending, not truncated)."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give the path of the file to write")
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as exc:
+        raise OperationalError(f"{flag} {path}: cannot be written: {one_line(exc)}") from None
+
+
+def write_json(path: str, report: Any, flag: str = "--out", *, allow_nan: bool = True) -> Path:
+    """Write ``report`` as indented JSON to ``path`` (its folder created); OperationalError naming ``flag`` when it
+    cannot be written."""
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, allow_nan=allow_nan) + "\n")
+    except OSError as exc:
+        raise OperationalError(f"{flag} {path}: {one_line(exc)}") from None
+    return out

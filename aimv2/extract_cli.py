@@ -52,7 +52,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -153,9 +153,6 @@ class _Items(torch.utils.data.Dataset):
         except BadSample as exc:
             return index, None, exc.reason[:_REASON_CHARS], -1
 
-
-def _as_list(batch: list) -> list:
-    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -416,15 +413,6 @@ def _fit(entries: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
     return entries
 
 
-def _batches(items: _Items, batch_size: int, workers: int) -> Iterator[list]:
-    if workers == 0:
-        for start in range(0, len(items), batch_size):
-            yield [items[i] for i in range(start, min(start + batch_size, len(items)))]
-        return
-    yield from torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                           collate_fn=_as_list)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``aimv2-extract``: exit status 0; 2 after a usage error, 1 after an operational error (see aimv2.cli)."""
     parser = build_parser()
@@ -438,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ._extras import require
-    from .data import ClassFolder, EvalTransform, Normalize
+    from .data import ClassFolder, EvalTransform, Normalize, list_batches
     from .model import feature_take_indices
 
     device = resolve_device(args.device)
@@ -478,7 +466,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with tqdm(total=len(items), unit="img", desc="features", dynamic_ncols=True,
                   disable=None if args.progress else True) as bar, torch.no_grad():
-            for batch in _batches(items, args.batch_size, workers):
+            for batch in list_batches(items, args.batch_size, workers):
                 good = [b for b in batch if b[1] is not None]
                 skipped.extend({"key": keys[i], "reason": reason} for i, _, reason, _ in batch if reason is not None)
                 bar.update(len(batch))

@@ -404,16 +404,9 @@ class ProbeSettings:
     num_queries: int = 1
 
     def check(self) -> None:
-        for name in ("epochs", "batch_size", "num_queries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, low_ok in (("lr", False), ("weight_decay", True), ("warmup_epochs", True), ("min_lr", True),
-                             ("grad_clip", False)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                    or value < 0 or (value == 0 and not low_ok):
-                raise ValueError(f"{name} must be a {'non-negative' if low_ok else 'positive'} number, got {value!r}")
+        _check_fields(self, ints=("epochs", "batch_size", "num_queries"),
+                      numbers=(("lr", False), ("weight_decay", True), ("warmup_epochs", True), ("min_lr", True),
+                               ("grad_clip", False)))
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
 
@@ -633,15 +626,9 @@ class PaperProbeSettings:
 
     def check(self) -> None:
         """Raise ValueError naming the first bad field."""
-        for name in ("epochs", "batch_size", "num_queries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, low_ok in (("warmup_epochs", True), ("min_lr", True), ("grad_clip", False),
-                             ("color_jitter", True)):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0 or (value == 0 and not low_ok):
-                raise ValueError(f"{name} must be a {'non-negative' if low_ok else 'positive'} number, got {value!r}")
+        _check_fields(self, ints=("epochs", "batch_size", "num_queries"),
+                      numbers=(("warmup_epochs", True), ("min_lr", True), ("grad_clip", False),
+                               ("color_jitter", True)))
         for name, low_ok in (("lrs", False), ("weight_decays", True)):
             values = getattr(self, name)
             if not isinstance(values, (tuple, list)) or not values or any(
@@ -662,6 +649,19 @@ class PaperProbeSettings:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fields(settings: object, *, ints: tuple[str, ...], numbers: tuple[tuple[str, bool], ...]) -> None:
+    """ValueError naming the first bad field of ``settings``: ``ints`` must be positive ints, ``numbers`` finite
+    numbers, positive (or also 0 where the flag says so)."""
+    for name in ints:
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, zero_ok in numbers:
+        value = getattr(settings, name)
+        if not _is_number(value) or value < 0 or (value == 0 and not zero_ok):
+            raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} number, got {value!r}")
 
 
 def _raw_item(items: _LabelledItems, i: int) -> tuple[Any, int]:

@@ -9,7 +9,6 @@ See :func:`build_parser` for the flags and :mod:`aimv2.cli` for the exit statuse
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -17,7 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cli import OperationalError, Parser, UsageError, check_backend, one_line, resolve_device, run_main
+from .cli import (
+    OperationalError,
+    Parser,
+    check_backend,
+    check_output_file,
+    one_line,
+    resolve_device,
+    run_main,
+    write_json,
+)
 from .data import NORMALIZATIONS
 from .probe import (
     FolderImages,
@@ -310,28 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     return run_main(PROG, _run, args)
 
 
-def _check_out(path: str) -> None:
-    """``--out FILE``, checked before the probe runs: a folder is a usage error, a path that cannot be written
-    an operational one. An existing file is left as it is (opened for appending, not truncated)."""
-    out = Path(path)
-    if out.is_dir():
-        raise UsageError(f"--out {path}: is a folder; give the path of the JSON file to write")
-    existed = out.exists()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a"):
-            pass
-        if not existed:
-            out.unlink()
-    except OSError as exc:
-        raise OperationalError(f"--out {path}: cannot be written: {one_line(exc)}") from None
-
-
 def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_backend(args.backend, device, ("prefix_attention",))  # the trunk's only aimv2_kernels op
     if args.out:
-        _check_out(args.out)
+        check_output_file(args.out)
     enc, desc, cfg, own_normalize = load_trunk(args)
     normalize = args.normalize or own_normalize
     enc_cfg = enc.cfg
@@ -370,13 +361,7 @@ def _run(args: argparse.Namespace) -> int:
         report = {**clean("trunk"), "data": data_desc, "image_size": image_size, "normalize": normalize}
         if args.vs_random:
             report["baseline"] = clean("random")
-        out = Path(args.out)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as exc:
-            raise OperationalError(f"--out {args.out}: {one_line(exc)}") from None
-        print(f"results: {out}")
+        print(f"results: {write_json(args.out, report)}")
     return 0
 
 
@@ -425,13 +410,7 @@ def _run_paper(args: argparse.Namespace, encoders: dict, descs: dict, train, tes
         report = {**clean("trunk"), **info}
         if args.vs_random:
             report["baseline"] = clean("random")
-        out = Path(args.out)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as exc:
-            raise OperationalError(f"--out {args.out}: {one_line(exc)}") from None
-        print(f"results: {out}")
+        print(f"results: {write_json(args.out, report)}")
     return 0
 
 

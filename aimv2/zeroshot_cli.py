@@ -16,7 +16,6 @@ operational one (unreadable weights or tokenizer files, every image unreadable, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,18 @@ from pathlib import Path
 
 import torch
 
-from .cli import OperationalError, Parser, UsageError, check_backend, one_line, resolve_device, run_main
+from .cli import (
+    OperationalError,
+    Parser,
+    UsageError,
+    check_backend,
+    check_output_file,
+    one_line,
+    resolve_device,
+    run_main,
+    write_json,
+)
+from .data.loader import list_batches
 
 PROG = "aimv2-zeroshot"
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -152,33 +162,6 @@ class _Images(torch.utils.data.Dataset):
             return -1, None, self.folder.key(index)
 
 
-def _as_list(batch: list) -> list:
-    return batch
-
-
-def _batches(items: _Images, batch_size: int, workers: int):  # -> Iterator[list]
-    if workers == 0:
-        for start in range(0, len(items), batch_size):
-            yield [items[i] for i in range(start, min(start + batch_size, len(items)))]
-        return
-    yield from torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                           collate_fn=_as_list)
-
-
-def _check_out(path: str) -> None:
-    out = Path(path)
-    if out.is_dir():
-        raise UsageError(f"--out {path}: is a folder; give the path of the JSON file to write")
-    existed = out.exists()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a"):
-            pass
-        if not existed:
-            out.unlink()
-    except OSError as exc:
-        raise OperationalError(f"--out {path}: cannot be written: {one_line(exc)}") from None
-
 
 def _open_folder(path: str):  # -> ClassFolder
     from .data import ClassFolder
@@ -277,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_backend(args.backend, device, ("prefix_attention",))
     if args.out:
-        _check_out(args.out)
+        check_output_file(args.out)
     templates = (_check_templates(_read_lines(args.templates_file, "--templates-file"), "--templates-file")
                  if args.templates_file is not None else
                  _check_templates(list(args.templates or DEFAULT_TEMPLATES), "--templates"))
@@ -314,7 +297,7 @@ def _run(args: argparse.Namespace) -> int:
     bar = tqdm(total=n, desc="images", unit=" img", disable=None if args.progress else True, file=sys.stderr)
     scale = float(model.logit_scale.detach())
     try:
-        for batch in _batches(_Images(folder, processor), args.batch_size, workers):
+        for batch in list_batches(_Images(folder, processor), args.batch_size, workers):
             bar.update(len(batch))
             for _, px, key in batch:
                 if px is None:
@@ -363,13 +346,7 @@ def _run(args: argparse.Namespace) -> int:
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "workers": workers,
             "text_seconds": round(text_s, 3), "image_seconds": round(image_s, 3),
         }
-        out = Path(args.out)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-        except OSError as exc:
-            raise OperationalError(f"--out {args.out}: {one_line(exc)}") from None
-        print(f"results: {out}")
+        print(f"results: {write_json(args.out, report, allow_nan=False)}")
     return 0
 
 

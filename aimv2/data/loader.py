@@ -43,7 +43,7 @@ from .decode import BadSample
 from .sources import _Source
 from .transforms import EvalTransform, Normalize, TrainTransform, fit_and_pad, native_grid
 
-__all__ = ["Batch", "LoaderBatch", "TrainLoader", "sample_budget_exponent"]
+__all__ = ["Batch", "LoaderBatch", "TrainLoader", "sample_budget_exponent", "list_batches"]
 
 MAX_REPLACEMENTS = 32  # draws before a source with almost nothing readable is declared broken
 
@@ -370,3 +370,20 @@ class TrainLoader:
     def __repr__(self) -> str:
         return (f"TrainLoader({len(self.source)} samples, global_batch={self.global_batch}, rank={self.rank}/"
                 f"{self.world_size}, workers={self.num_workers}, native={self.native_budgets})")
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def list_batches(items: Any, batch_size: int, workers: int = 0) -> Iterator[list]:
+    """``items[i]`` (any object with ``len`` and ``[]``) in order, as lists of at most ``batch_size``: in this
+    process when ``workers`` is 0, else through a DataLoader with that many worker processes (no collation: each
+    batch is the list of the items' values). For the extraction commands (``aimv2-extract``, ``aimv2-zeroshot``),
+    whose items decode and transform one image each."""
+    if workers == 0:
+        for start in range(0, len(items), batch_size):
+            yield [items[i] for i in range(start, min(start + batch_size, len(items)))]
+        return
+    yield from torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                           collate_fn=_as_list)
