@@ -267,7 +267,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = AIMv2(self.model_cfg)
         self.init_report = None
-        if cfg.init_from:  # before sharding: the source's tensors go into the whole model
+        # --init-from starts a run; a resumed run's checkpoint already holds what it loaded (and more), so a
+        # stage's config file can be resumed as it is: the source is not read again.
+        if cfg.init_from and not cfg.resume:  # before sharding: the source's tensors go into the whole model
             from .hub import HubNotFoundError
             from .init_from import init_from
             from .layouts import WeightsError
@@ -831,6 +833,8 @@ def banner(trainer: Trainer) -> str:
     ]
     if trainer.init_report is not None:
         lines.append(f"  init from: {trainer.init_report.summary()}")
+    elif cfg.init_from and cfg.resume:
+        lines.append(f"  init from: {cfg.init_from} not read again (--resume: the checkpoint holds the weights)")
     return "\n".join(lines)
 
 
@@ -900,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from a run folder, a checkpoint or released weights (a path or a Hugging "
                         "Face hub id such as apple/aimv2-large-patch14-224): the encoder (its "
                         "learned position embedding resized) and the decoder when SOURCE has one; fresh optimizer "
-                        "and schedule")
+                        "and schedule (with --resume it is not read again: the checkpoint holds the weights)")
     p.add_argument("--init-decoder", default=d.init_decoder, choices=("load", "fresh"),
                    help="with --init-from: load SOURCE's decoder (default; it must have this run's vocabulary) or "
                         "start a fresh one (e.g. after changing --tokenizer)")
@@ -978,9 +982,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     except ValueError:
         parser.error(f"--betas must be B1,B2 with 0 <= B < 1, got {args.betas!r}")
     args.betas = (b1, b2)
-    if args.init_from is not None and args.resume:
-        parser.error("--init-from starts a new run; --resume continues one: pass one of them")
-    if args.init_from is not None and not os.path.exists(args.init_from):
+    if args.init_from is not None and not args.resume and not os.path.exists(args.init_from):
         from .hub import is_hub_id
         if not is_hub_id(args.init_from):
             parser.error(f"--init-from {args.init_from}: no such file or folder (nor a Hugging Face hub id "

@@ -154,7 +154,6 @@ def test_new_flags_are_checked(capsys):
                          (["--weight-decay", "-1"], "--weight-decay"),
                          (["--betas", "0.9"], "--betas"),
                          (["--init-from", "/nonexistent/run"], "no such file"),
-                         (["--init-from", ".", "--resume"], "--init-from starts a new run"),
                          (["--activation-checkpointing", "half"], "invalid choice")):
         with pytest.raises(SystemExit) as exc:
             parse_args(argv)
@@ -291,6 +290,12 @@ def test_init_from_a_run_folder_at_another_image_size(tmp_path):
     assert summary["last"]["step"] == 1
     config = json.loads((tmp_path / "second" / "config.json").read_text())
     assert config["train"]["init_from"] == str(first) and config["model"]["encoder"]["image_size"] == 84
+    # the stage resumed with the same description: the checkpoint is loaded, the source is not read again
+    resumed = run(dataclasses.replace(cfg, steps=2, resume="latest", new_schedule=True))
+    assert resumed["last"]["step"] == 2
+    trainer = Trainer(dataclasses.replace(cfg, init_from=str(tmp_path / "gone"), resume="latest"))
+    assert trainer.init_report is None  # a source that is gone by now does not matter to a resume
+    trainer.loader.close()
 
 
 def test_init_from_another_width_is_a_usage_error(tmp_path):
