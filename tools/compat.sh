@@ -63,7 +63,9 @@ print("  (the GPU image runs Python 3.12)" if v != (3, 12) else "", end="")'
   fi
   "$PY" -m pip install -q --upgrade "setuptools>=64,<82" wheel ninja  # torch 2.11 requires setuptools<82
   "$PY" -m pip install -q "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "transformers==$TRANSFORMERS_VERSION" \
-    "$NUMPY_SPEC" safetensors tqdm matplotlib pillow pytest pytest-benchmark sentencepiece
+    "$NUMPY_SPEC" safetensors tqdm matplotlib pillow pytest pytest-benchmark sentencepiece hypothesis tensorboard \
+    ftfy "huggingface_hub>=0.24"
+  "$PY" -m pip install -q --no-deps "timm==1.0.31"  # without torchvision, as the Makefile installs it
   "$PY" - <<EOF
 import torch, triton, transformers
 got = (torch.__version__.split("+")[0], triton.__version__, transformers.__version__)
