@@ -406,7 +406,9 @@ class Trainer:
             logged += torch.stack([loss_img.detach(), loss_txt.detach()]).float()
         skipped_now = len(getattr(self.loader, "skipped", ()))
         logged = _global_sum(torch.cat([logged, torch.tensor([float(skipped_now)], device=self.device)]))
-        loss_img_v, loss_txt_v, skipped_v = (float(v) for v in logged.tolist())
+        # one host sync for the logged values and the global token count (exact in fp32 below 2^24 tokens)
+        values = torch.cat([logged, total[1:].float()]).tolist()
+        loss_img_v, loss_txt_v, skipped_v, tokens_v = values
         loss_v = loss_txt_v + self.model_cfg.img_loss_weight * loss_img_v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -424,7 +426,7 @@ class Trainer:
         self.step += 1
         m = {"step": self.step, "loss": loss_v, "loss_img": loss_img_v, "loss_txt": loss_txt_v, "lr": lr,
              "grad_norm": grad_norm_v, "images": int(getattr(batch, "global_size", images.shape[0])),
-             "patches": n, "tokens": int(total[1].item()), "bad_steps": self.bad_steps,
+             "patches": n, "tokens": int(tokens_v), "bad_steps": self.bad_steps,
              "skipped_samples": int(skipped_v), "micro_batches": k,
              "step_time_s": time.perf_counter() - start}
         if not finite:
