@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import EncoderConfig
+from .config import EncoderConfig, _check_fields
 from .layers import Transformer, _building_children, _init_unless_nested, _xavier_and_ones
 from .layouts import (
     _HEAD_DIM,
@@ -106,15 +106,11 @@ class TextConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "depth", "num_heads", "mlp_hidden", "context_length"):
-            _positive_int(f"text {name}", getattr(self, name))
+        _check_fields("text", self, ("vocab_size", "dim", "depth", "num_heads", "mlp_hidden", "context_length"))
         if isinstance(self.eos_id, bool) or not isinstance(self.eos_id, int) or not 0 <= self.eos_id < self.vocab_size:
             raise ValueError(f"text eos_id must be an int in [0, vocab_size={self.vocab_size}), got {self.eos_id!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"text dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        eps = self.norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"text norm_eps must be a finite positive float, got {eps!r}")
 
 
 def _lit_vision_default() -> EncoderConfig:
